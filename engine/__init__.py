@@ -1,0 +1,1 @@
+"""The rollout engine (installed as vla_rft_engine.engine): scheduling, static KV cache, graph-captured loops."""

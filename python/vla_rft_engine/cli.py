@@ -1,0 +1,70 @@
+"""`vla-rft <command> [--config file.yaml] [key=value ...]`.
+
+Each command lives in its own module exposing `main(argv) -> int`; they are imported lazily so that
+`vla-rft info` works even where an optional backend is missing.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("vla_rft_engine.info", "print versions, devices and which optional backends are available"),
+    "pretrain-tokenizer": ("vla_rft_engine.train.tokenizer", "train the FSQ/VQ visual tokenizer on frames"),
+    "pretrain-wm": ("vla_rft_engine.train.world_model", "MLE pretraining of the world model (Eq. 3)"),
+    "wm-eval": ("vla_rft_engine.train.wm_eval", "world-model rollout quality: MSE, PSNR, SSIM, LPIPS (Table 1)"),
+    "sft": ("vla_rft_engine.train.sft", "Stage I flow-matching SFT of the policy (Eq. 4)"),
+}
+
+
+def usage() -> str:
+    w = max(len(c) for c in COMMANDS)
+    lines = ["usage: vla-rft <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
+    lines += [f"  {c:<{w}}  {h}" for c, (_, h) in COMMANDS.items()]
+    lines += ["", "`vla-rft <command> --help` lists a command's config keys and defaults."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"vla-rft: unknown command '{cmd}'.\n\n{usage()}", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(COMMANDS[cmd][0])
+    from .config import ConfigError
+    try:
+        return int(mod.main(rest) or 0)
+    except ConfigError as e:
+        print(f"vla-rft {cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """-> (yaml path from --config, key=value overrides, whether --help was asked)."""
+    cfg, over, want_help = None, [], False
+    it = iter(argv)
+    for a in it:
+        if a in ("-h", "--help"):
+            want_help = True
+        elif a == "--config":
+            cfg = next(it, None)
+        elif a.startswith("--config="):
+            cfg = a.split("=", 1)[1]
+        else:
+            over.append(a)
+    return cfg, over, want_help
+
+
+def print_config_help(cmd: str, cfg) -> None:
+    import yaml
+    from .config import to_dict
+    print(f"usage: vla-rft {cmd} [--config FILE.yaml] [key=value ...]\n\nconfig (defaults):")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Dataclass configs: defaults equal the paper's tables, YAML files and `key=value` overrides on top.
+
+    cfg = load_config(TokenizerTrainConfig, yaml_path=None, overrides=["steps=200", "model.levels=[8,5,5,5]"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and the fix."""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _valid_keys(obj, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            keys += _valid_keys(v, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Cast a parsed YAML scalar/list to the field's annotated type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': cannot read {value!r} as {tp}")
+    if tp is Any:
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [s for s in value.split(",") if s]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, key) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def set_key(cfg, key: str, raw: Any) -> None:
+    """Set a dotted key on a (nested) dataclass, type-checked. Unknown keys list the valid ones."""
+    parts = key.split(".")
+    obj = cfg
+    for i, p in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(obj)}
+        if p not in names:
+            valid = ", ".join(_valid_keys(cfg))
+            raise ConfigError(f"unknown config key '{key}' for {type(cfg).__name__}. Valid keys: {valid}")
+        if i < len(parts) - 1:
+            obj = getattr(obj, p)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"config key '{key}': '{p}' is not a section")
+    tp = _field_types(type(obj))[parts[-1]]
+    if dataclasses.is_dataclass(getattr(obj, parts[-1])):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config key '{key}' is a section; set its fields as {key}.<name>=value")
+        for k, v in raw.items():
+            set_key(cfg, f"{key}.{k}", v)
+        return
+    if isinstance(raw, str):
+        parsed = yaml.safe_load(raw) if raw != "" else ""
+        if tp is str:  # keep strings verbatim ("001" stays "001")
+            parsed = raw
+        raw = parsed
+    setattr(obj, parts[-1], _coerce(raw, tp, key))
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, str]]:
+    out = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}' is not of the form key=value (for example steps=100)")
+        k, v = o.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    cfg = cls()
+    if yaml_path is not None:
+        p = Path(yaml_path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of key: value")
+        for k, v in data.items():
+            set_key(cfg, k, v)
+    for k, v in parse_overrides(overrides):
+        set_key(cfg, k, v)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(to_dict(cfg), indent=2))
+    else:
+        path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    cfg = cls()
+    for k, v in data.items():
+        set_key(cfg, k, v)
+    return cfg

