@@ -1,0 +1,92 @@
+"""Image metrics on float frames in [0, 1], shaped (..., 3, H, W): MSE, PSNR, SSIM, and LPIPS when its
+weights are on disk. Each returns one value per frame (leading dims kept)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"frames differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.dim() < 3:
+        raise ValueError(f"frames must be (..., C, H, W), got {tuple(a.shape)}")
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check_pair(a, b)
+    return (a.float() - b.float()).pow(2).flatten(-3).mean(-1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    m = mse(a, b).clamp_min(1e-12)
+    return 10 * torch.log10(data_range**2 / m)
+
+
+def _gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Wang et al. 2004 SSIM: Gaussian window (11, 1.5), K1 0.01, K2 0.03, per channel, mean over the valid
+    region (no padding) and channels."""
+    _check_pair(a, b)
+    lead, (C, H, W) = a.shape[:-3], a.shape[-3:]
+    if H < win or W < win:
+        raise ValueError(f"SSIM needs frames of at least {win}x{win}, got {H}x{W}")
+    x = a.reshape(-1, C, H, W).double()
+    y = b.reshape(-1, C, H, W).double()
+    g = _gaussian_window(win, sigma, a.device)
+    kh = g.view(1, 1, win, 1).expand(C, 1, win, 1)
+    kw = g.view(1, 1, 1, win).expand(C, 1, 1, win)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, kh, groups=C), kw, groups=C)
+
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1).float().reshape(lead)
+
+
+# torchvision's backbone file names; the `lpips` package ships only the linear heads.
+LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
+def lpips_backbone_path(net: str = "alex") -> Path:
+    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    return hub / LPIPS_BACKBONE_FILES[net]
+
+
+def load_lpips(net: str = "alex", required: bool = False):
+    """`lpips.LPIPS` with pretrained weights if they are on disk (no download attempted), else None.
+
+    required=True turns 'missing' into an error that names the files and where to put them."""
+    if net not in LPIPS_BACKBONE_FILES:
+        raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {net!r}")
+    why = None
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        why = "the `lpips` package is not installed (pip install '.[lpips]')"
+    path = lpips_backbone_path(net)
+    if why is None and not path.is_file():
+        why = (f"the {net} backbone weights {path.name} are not at {path} (copy torchvision's file there, "
+               f"or set TORCH_HOME to a folder holding hub/checkpoints/{path.name})")
+    if why is not None:
+        if required:
+            raise FileNotFoundError(f"LPIPS unavailable: {why}")
+        return None
+    import lpips
+    m = lpips.LPIPS(net=net, pretrained=True, verbose=False).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m

@@ -1,0 +1,71 @@
+"""PNG output for results people look at: frame grids and curves (no matplotlib needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """float (..., 3, H, W) in [0, 1] -> uint8 (..., H, W, 3)."""
+    x = frames.detach().float().clamp(0, 1).mul(255).round().byte().cpu()
+    return x.movedim(-3, -1).numpy()
+
+
+def save_frame_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str] | None = None,
+                    scale: int = 2, pad: int = 2) -> Path:
+    """rows: each (N, 3, H, W) float in [0, 1]; one row of N frames each, optional label on the left."""
+    rows = [to_uint8(r) for r in rows]
+    n = max(r.shape[0] for r in rows)
+    H, W = rows[0].shape[1:3]
+    lw = 70 if labels else 0
+    canvas = Image.new("RGB", (lw + n * (W * scale + pad) + pad, len(rows) * (H * scale + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, r in enumerate(rows):
+        y = pad + i * (H * scale + pad)
+        if labels:
+            draw.text((4, y + H * scale // 2 - 5), labels[i], fill=(0, 0, 0))
+        for j in range(r.shape[0]):
+            img = Image.fromarray(r[j]).resize((W * scale, H * scale), Image.NEAREST)
+            canvas.paste(img, (lw + pad + j * (W * scale + pad), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def save_curve(xs, ys_by_name: dict[str, list[float]], path: str | Path, title: str = "",
+               size: tuple[int, int] = (640, 360)) -> Path:
+    """A plain line plot (one line per series) drawn with PIL."""
+    W, H = size
+    m = 45
+    img = Image.new("RGB", size, (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    allv = [v for ys in ys_by_name.values() for v in ys if np.isfinite(v)]
+    if not allv or len(xs) == 0:
+        img.save(path)
+        return Path(path)
+    lo, hi = min(allv), max(allv)
+    hi = hi if hi > lo else lo + 1.0
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    def px(x, y):
+        return m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (y - lo) / (hi - lo) * (H - 2 * m)
+    d.rectangle([m, m, W - m, H - m], outline=(0, 0, 0))
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for k, (name, ys) in enumerate(ys_by_name.items()):
+        pts = [px(x, y) for x, y in zip(xs, ys) if np.isfinite(y)]
+        c = colors[k % len(colors)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        d.text((m + 5, m + 5 + 12 * k), name, fill=c)
+    d.text((m, 10), title, fill=(0, 0, 0))
+    d.text((4, m), f"{hi:.3g}", fill=(0, 0, 0))
+    d.text((4, H - m - 10), f"{lo:.3g}", fill=(0, 0, 0))
+    d.text((m, H - m + 5), f"{x0:g}", fill=(0, 0, 0))
+    d.text((W - m - 30, H - m + 5), f"{x1:g}", fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -1,0 +1,111 @@
+"""FSQ/VQ round trips, the mixed-radix format of REFERENCE.md, and the tokenizer's token path."""
+import itertools
+
+import pytest
+import torch
+
+from vla_rft_engine.models.quantizers import FSQ, VQ, fsq_codes_to_indices, fsq_indices_to_codes
+from vla_rft_engine.models.tokenizer import TokenizerConfig, VisualTokenizer
+from vla_rft_engine.ops.vq_decode import vq_decode_reference
+
+
+@pytest.mark.parametrize("levels", [(7, 5, 5, 5, 5), (8, 5, 5, 5), (3, 4, 6)])
+def test_fsq_index_digits_match_reference_format(levels):
+    n = 1
+    for L in levels:
+        n *= L
+    ids = torch.arange(n)
+    codes = fsq_indices_to_codes(ids, levels)
+    # REFERENCE.md: digits in mixed radix, basis = cumulative product; d -> (d - L//2) / (L//2)
+    for i in [0, 1, n // 3, n - 1]:
+        rem, expect = i, []
+        for L in levels:
+            d = rem % L
+            rem //= L
+            expect.append((d - L // 2) / (L // 2))
+        assert codes[i].tolist() == pytest.approx(expect, rel=1e-6)
+    assert torch.equal(fsq_codes_to_indices(codes, levels), ids)  # every code round-trips
+    assert len({tuple(c) for c in codes.tolist()}) == n
+
+
+@pytest.mark.parametrize("levels", [(7, 5, 5, 5, 5), (8, 5, 5, 5)])
+def test_fsq_quantize_roundtrip_and_straight_through(levels):
+    q = FSQ(levels)
+    z = (torch.randn(64, len(levels)) * 3).requires_grad_()
+    codes, ids = q(z)
+    assert ids.min() >= 0 and ids.max() < q.codebook_size
+    assert torch.equal(q.indices_to_codes(ids), codes.detach())
+    # each code is the rounded bounded latent, normalised per level
+    half = torch.tensor([L // 2 for L in levels], dtype=torch.float32)
+    torch.testing.assert_close(codes.detach(), torch.round(q.bound(z.detach())) / half)
+    codes.sum().backward()  # straight-through: gradient flows to z
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    # every level is reachable
+    big = FSQ(levels)(torch.linspace(-6, 6, 2001)[:, None].expand(-1, len(levels)).contiguous())[0]
+    for j, L in enumerate(levels):
+        assert big[:, j].unique().numel() == L
+
+
+def test_vq_nearest_and_roundtrip():
+    vq = VQ(num_codes=16, dim=4)
+    z = vq.codebook.detach()[torch.tensor([3, 7, 7, 0])] + 1e-4
+    q, ids = vq(z)
+    assert ids.tolist() == [3, 7, 7, 0]
+    assert torch.allclose(vq.indices_to_codes(ids), q.detach(), atol=1e-3)
+    assert vq.last_loss.item() >= 0
+
+
+@pytest.mark.parametrize("quantizer,patch", [("fsq", 2), ("vq", 2), ("fsq", 4)])
+def test_tokenizer_token_path_equals_training_path(quantizer, patch):
+    cfg = TokenizerConfig(image_size=32, downsample=4, channels=[8, 16, 16], latent_channels=16, dyn_patch=patch,
+                          quantizer=quantizer, vq_codes=64, vq_dim=4)
+    tok = VisualTokenizer(cfg).eval()
+    ctx, fr = torch.rand(3, 3, 32, 32), torch.rand(3, 2, 3, 32, 32)
+    rc, rd, _ = tok(ctx, fr)
+    cid = tok.encode_context(ctx)
+    did = torch.stack([tok.encode_dynamics(fr[:, t], ctx) for t in range(2)], 1)
+    assert cid.shape == (3, 64) and did.shape == (3, 2, (8 // patch) ** 2)
+    assert tok.layout.context_tokens == 64 and tok.layout.dynamics_tokens == (8 // patch) ** 2
+    torch.testing.assert_close(tok.decode(cid, did), rd.clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tok.decode_context(cid), rc.clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_tokenizer_errors_and_save_load(tmp_path):
+    cfg = TokenizerConfig(image_size=32, channels=[8, 16, 16], latent_channels=16)
+    tok = VisualTokenizer(cfg).eval()
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        tok.encode_context(torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="float"):
+        tok.encode_context(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    cid = tok.encode_context(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode(cid, torch.full((2, 1, 16), 4375))
+    with pytest.raises(ValueError, match="dynamics_ids"):
+        tok.decode(cid, torch.zeros(2, 1, 15, dtype=torch.long))
+    tok.save(tmp_path / "tok")
+    tok2 = VisualTokenizer.load(tmp_path / "tok")
+    did = torch.randint(0, 4375, (2, 2, 16))
+    assert torch.equal(tok2.decode(cid, did), tok.decode(cid, did))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.pt").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        VisualTokenizer.load(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        VisualTokenizer.load(tmp_path / "nope")
+    with pytest.raises(ValueError, match="divisible|channel"):
+        VisualTokenizer(TokenizerConfig(image_size=32, downsample=8, channels=[8, 16, 16]))
+
+
+def test_vq_decode_reference_is_plain_conv_and_linear():
+    """The fused-decode semantics equal a 1x1 conv (p = 1) and a per-patch linear + pixel layout (p > 1)."""
+    levels = (7, 5, 5, 5, 5)
+    ids = torch.randint(0, 4375, (2, 16))
+    W, b = torch.randn(6, 5), torch.randn(6)
+    out = vq_decode_reference(ids, W, b, (4, 4), 1, levels=levels)
+    codes = fsq_indices_to_codes(ids, levels).view(2, 4, 4, 5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(codes, W[:, :, None, None], b))
+    W2, b2 = torch.randn(3 * 4, 5), torch.randn(12)
+    out2 = vq_decode_reference(ids, W2, b2, (4, 4), 2, levels=levels)
+    y = fsq_indices_to_codes(ids, levels) @ W2.t() + b2  # (2, 16, 12) with index c*4 + u*2 + v
+    for bi, (i, j, c, u, v) in itertools.product(range(2), itertools.product(range(4), range(4), range(3), range(2), range(2))):
+        assert out2[bi, c, i * 2 + u, j * 2 + v] == y[bi, i * 4 + j, c * 4 + u * 2 + v]
