@@ -13,21 +13,39 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _cuda_home_guess():
+    """torch guesses CUDA_HOME from `which nvcc`; a wrapper script in /usr/local/bin then gives /usr/local, which has
+    no CUDA headers. Point it at a directory that does have them (before torch.utils.cpp_extension is imported)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    cands = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    for c in cands:
+        if os.path.exists(os.path.join(c, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = c
+            return
+
+
 def extensions():
+    _cuda_home_guess()
     try:
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         print("setup.py: torch is not installed, building without the C++ extension "
               "(install torch first, then `pip install --no-build-isolation -e .`)")
         return [], {}
-    cxx = ["-O3", "-std=c++17"]
-    exts = [CppExtension("vla_rft_engine._vq_cpu", ["csrc/vq_decode_cpu.cpp"], extra_compile_args={"cxx": cxx})]
+    # No -std here: torch's cpp_extension adds the standard its headers need (C++20 for torch >= 2.10).
+    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is OpenMP-backed in torch builds and is inlined into our code.
+    exts = [CppExtension("vla_rft_engine._vq_cpu", ["csrc/vq_decode_cpu.cpp"], depends=["csrc/vq_decode_common.h"],
+                         extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"])]
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     if nvcc and os.path.exists(nvcc) and not os.environ.get("VLA_RFT_NO_CUDA"):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
         exts.append(CUDAExtension(
             "vla_rft_engine._vq_cuda", ["csrc/vq_decode_cuda_binding.cpp", "csrc/vq_decode_cuda.cu"],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]}))
+            depends=["csrc/vq_decode_common.h", "csrc/vq_decode_cuda.h"],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]}))
     else:
         print("setup.py: nvcc not found (or VLA_RFT_NO_CUDA set): building the CPU extension only")
     missing = [s for e in exts for s in e.sources if not os.path.exists(os.path.join(ROOT, s))]
@@ -51,7 +69,7 @@ setup(
     package_data={"vla_rft_engine": ["configs/*.yaml"]},
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tensorboard", "safetensors", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "lpips", "torchvision"],
+        "test": ["pytest", "transformers>=4.40", "lpips", "torchvision", "scikit-image"],
         "lpips": ["lpips", "torchvision"],
         "hf": ["transformers>=4.40"],
         "gpu": ["nvtx", "cupy-cuda13x"],

@@ -8,31 +8,32 @@ Context tokens use p = 1 (a 1x1 conv), dynamics tokens p > 1 (a linear per laten
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
 
 from ..models.quantizers import fsq_indices_to_codes
 
-_EXT = None
-_EXT_ERR: str | None = None
-_WARNED = False
+# Loaded extension modules by kind ("cpu" -> vla_rft_engine._vq_cpu, "cuda" -> _vq_cuda); None = not built.
+_EXTS: dict[str, object | None] = {}
+_EXT_ERRS: dict[str, str] = {}
+_WARNED: set[str] = set()
 
 
-def _load_ext():
-    global _EXT, _EXT_ERR
-    if _EXT is None and _EXT_ERR is None:
+def _load_ext(kind: str = "cpu"):
+    if kind not in _EXTS:
         try:
-            from .. import _vq_cpu  # type: ignore[attr-defined]
-            _EXT = _vq_cpu
+            _EXTS[kind] = importlib.import_module(f"vla_rft_engine._vq_{kind}")
         except ImportError as e:  # not built: fall back with a warning
-            _EXT_ERR = str(e)
-    return _EXT
+            _EXTS[kind] = None
+            _EXT_ERRS[kind] = str(e)
+    return _EXTS[kind]
 
 
-def extension_available() -> tuple[bool, str]:
-    ext = _load_ext()
-    return (ext is not None, "built" if ext is not None else f"not built ({_EXT_ERR})")
+def extension_available(kind: str = "cpu") -> tuple[bool, str]:
+    ext = _load_ext(kind)
+    return (ext is not None, "built" if ext is not None else f"not built ({_EXT_ERRS.get(kind, 'unavailable')})")
 
 
 def check_ids(ids: torch.Tensor, num_codes: int) -> None:
@@ -78,18 +79,25 @@ def vq_decode(ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
               codebook: torch.Tensor | None = None) -> torch.Tensor:
     """Fused decode through the C++/CUDA extension; the PyTorch reference where it is not built.
 
+    Dispatch on the weight's device: CUDA -> `_vq_cuda`, CPU -> `_vq_cpu`. Output dtype = weight dtype.
     Not differentiable (the hot path is inference: generated tokens -> frames for the reward).
     """
-    global _WARNED
-    ext = _load_ext()
+    kind = "cuda" if weight.is_cuda else "cpu"
+    ext = _load_ext(kind)
     if ext is None:
-        if not _WARNED:
-            warnings.warn(f"vla_rft_engine C++ extension unavailable ({_EXT_ERR}); using the PyTorch reference for "
-                          "vq_decode. Reinstall with `pip install --no-build-isolation -e .` to build it.", RuntimeWarning)
-            _WARNED = True
+        if kind not in _WARNED:
+            warnings.warn(f"vla_rft_engine {kind} extension _vq_{kind} unavailable ({_EXT_ERRS.get(kind)}); using the "
+                          "PyTorch reference for vq_decode. Reinstall with `pip install --no-build-isolation -e .` "
+                          "(or run .ci/build_ext.sh) to build it.", RuntimeWarning, stacklevel=2)
+            _WARNED.add(kind)
         return vq_decode_reference(ids, weight, bias, grid, patch, levels, codebook)
     return ext_vq_decode(ext, ids, weight, bias, grid, patch, levels, codebook)
 
 
-def ext_vq_decode(ext, ids, weight, bias, grid, patch, levels, codebook):  # replaced by the extension binding
-    raise NotImplementedError
+def ext_vq_decode(ext, ids, weight, bias, grid, patch, levels, codebook):
+    """Call an extension module's `decode`; it validates ids (ValueError), shapes (ValueError) and dtypes (TypeError)."""
+    gh, gw = (int(g) for g in grid)
+    lv = [int(x) for x in levels] if levels is not None else []
+    if levels is not None and not lv:
+        raise ValueError("levels must not be empty")
+    return ext.decode(ids, weight, bias, gh, gw, int(patch), lv, codebook)
