@@ -1,0 +1,223 @@
+"""f_VLM(image, instruction, proprio) -> z: the policy's observation encoders.
+
+Every encoder returns z of shape (B, encoder.z_dim), float32, one vector per start state (the flow
+head and Sigma Net condition on it through adaLN). Inputs:
+  image:       uint8 (B, H, W, 3) in [0, 255]  (env / demo frames)   or
+               float (B, 3, H, W) in [0, 1]     (already a tensor image)
+  instruction: list[str] of length B, or int64 token ids (B, L) with -1 marking padding
+  proprio:     float (B, P)
+
+SmallEncoder: a CNN + hashed bag-of-words + proprio MLP, small enough to train on the CPU.
+HFVLMEncoder: hidden states of a Hugging Face vision-language model (LLaVA-style: image tokens
+first, then the text), masked-mean-pooled; frozen, with optional LoRA on the text attention.
+"""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"{name} holds NaN or Inf values ({int((~torch.isfinite(t)).sum())} of {t.numel()})")
+
+
+def image_to_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> float32 (B, 3, H, W) in [0, 1]."""
+    if image.dim() != 4:
+        raise ValueError(f"image must be 4-D: uint8 (B,H,W,3) or float (B,3,H,W); got shape {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        if image.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (B,H,W,3) channels-last; got shape {tuple(image.shape)}")
+        return image.permute(0, 3, 1, 2).float().div_(255.0)
+    if not image.is_floating_point():
+        raise ValueError(f"image dtype must be uint8 or float, got {image.dtype}")
+    if image.shape[1] != 3:
+        raise ValueError(f"float images must be (B,3,H,W) channels-first in [0,1]; got shape {tuple(image.shape)}")
+    check_finite("image", image)
+    return image.float()
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def hash_tokens(instructions: list[str], num_buckets: int) -> torch.Tensor:
+    """Words -> stable bucket ids (crc32, not Python's salted hash), padded with -1: (B, L) int64."""
+    toks = [[zlib.crc32(w.encode()) % num_buckets for w in _WORD.findall(s.lower())] or [0] for s in instructions]
+    L = max(len(t) for t in toks)
+    return torch.tensor([t + [-1] * (L - len(t)) for t in toks], dtype=torch.long)
+
+
+def spatial_softmax(h: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 2C): per channel, the softmax-weighted mean x and y in [-1, 1]."""
+    B, C, H, W = h.shape
+    p = torch.softmax(h.flatten(2), -1).view(B, C, H, W)
+    xs = torch.linspace(-1, 1, W, device=h.device)
+    ys = torch.linspace(-1, 1, H, device=h.device)
+    return torch.cat([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], -1)
+
+
+class SmallEncoder(nn.Module):
+    """CNN(image | instruction) + bag-of-words(instruction) + MLP(proprio) -> z (B, z_dim).
+
+    What the table-top tasks need: x/y coordinate channels (CoordConv) and a spatial-softmax readout so
+    object positions come out as numbers, and the instruction FiLM-modulates the conv features so they
+    can single out the named object (colour) before the readout.
+    """
+
+    def __init__(self, proprio_dim: int, z_dim: int = 128, channels: int = 32, vocab_buckets: int = 1024,
+                 text_dim: int = 64):
+        super().__init__()
+        self.z_dim, self.proprio_dim, self.vocab_buckets = z_dim, proprio_dim, vocab_buckets
+        c = channels
+        self.conv1 = nn.Sequential(nn.Conv2d(3 + 2, c, 5, stride=2, padding=2), nn.GroupNorm(8, c), nn.SiLU(),
+                                   nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * c))
+        self.film = nn.Linear(text_dim, 4 * c)
+        nn.init.zeros_(self.film.weight)  # starts as plain conv features
+        nn.init.zeros_(self.film.bias)
+        self.conv2 = nn.Sequential(nn.SiLU(), nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU())
+        # readout: spatial-softmax keypoints (expected x, y per channel: positions that generalise across
+        # layouts) plus a coarse 4x4 grid of the features
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.img_proj = nn.Linear(2 * c * 16 + 4 * c, z_dim)
+        self.word_emb = nn.Embedding(vocab_buckets, text_dim)
+        self.txt_proj = nn.Linear(text_dim, z_dim)
+        self.prop_mlp = nn.Sequential(nn.Linear(proprio_dim, z_dim), nn.SiLU(), nn.Linear(z_dim, z_dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(3 * z_dim, z_dim), nn.LayerNorm(z_dim))
+
+    def encode_text(self, instruction, device) -> torch.Tensor:
+        """-> pooled word embedding (B, text_dim)."""
+        ids = instruction if torch.is_tensor(instruction) else hash_tokens(list(instruction), self.vocab_buckets)
+        ids = ids.to(device)
+        mask = (ids >= 0).float()
+        e = self.word_emb(ids.clamp_min(0) % self.vocab_buckets) * mask[..., None]
+        return e.sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+
+    def forward(self, image, instruction, proprio) -> torch.Tensor:
+        x = image_to_float(image).to(self.img_proj.weight.device)
+        B, _, H, W = x.shape
+        if len(instruction) != B or proprio.shape != (B, self.proprio_dim):
+            raise ValueError(f"encoder batch mismatch: image B={B}, {len(instruction)} instructions, "
+                             f"proprio {tuple(proprio.shape)} (expected ({B}, {self.proprio_dim}))")
+        check_finite("proprio", proprio)
+        t = self.encode_text(instruction, x.device)
+        ys = torch.linspace(-1, 1, H, device=x.device).view(1, 1, H, 1).expand(B, 1, H, W)
+        xs = torch.linspace(-1, 1, W, device=x.device).view(1, 1, 1, W).expand(B, 1, H, W)
+        h = self.conv1(torch.cat([x * 2.0 - 1.0, xs, ys], 1))
+        scale, shift = self.film(t)[:, :, None, None].chunk(2, 1)
+        h = self.conv2(h * (1 + scale) + shift)
+        h = torch.cat([self.img_proj(torch.cat([self.pool(h), spatial_softmax(h)], -1)), self.txt_proj(t),
+                       self.prop_mlp(proprio.float().to(x.device))], -1)
+        return self.out(h)
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x with W frozen; B starts at zero so the wrapped model is unchanged."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float = 16.0):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+
+def add_lora(model: nn.Module, rank: int, targets=("q_proj", "v_proj"), alpha: float = 16.0) -> int:
+    """Wrap every nn.Linear whose attribute name is in `targets`; returns how many were wrapped."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha))
+                n += 1
+    return n
+
+
+class HFVLMEncoder(nn.Module):
+    """z = masked mean over tokens of hidden_states[layer] of a HF vision-language model: (B, hidden_size).
+
+    Built for LLaVA-style models (transformers' LlavaModel: any vision tower + any decoder LM): the
+    input is [image_token x num_image_tokens] + instruction tokens. Images are resized to the vision
+    tower's size and normalised with `image_mean/std` (SigLIP: 0.5/0.5). Instructions are token ids
+    (B, L) (-1 = pad) or strings when a `tokenizer` (any callable str -> list[int]) is given.
+    Proprio is not used here; the action head and Sigma Net take it directly.
+    The model is frozen (eval mode, no grads) unless lora_rank > 0, which trains LoRA adapters only.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, layer: int = -1, lora_rank: int = 0,
+                 lora_targets=("q_proj", "v_proj"), image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+        super().__init__()
+        self.model, self.tokenizer, self.layer = model, tokenizer, layer
+        cfg = model.config
+        self.image_token_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+        if self.image_token_id is None or not hasattr(cfg, "vision_config"):
+            raise ValueError(f"{type(model).__name__}: expected a LLaVA-style config with vision_config and "
+                             "image_token_id; wrap other families by subclassing HFVLMEncoder.build_inputs")
+        vc = cfg.vision_config
+        self.image_size = int(vc.image_size)
+        self.num_image_tokens = (self.image_size // int(vc.patch_size)) ** 2
+        self.z_dim = int(cfg.text_config.hidden_size)
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.lora_rank = lora_rank
+        if lora_rank > 0 and add_lora(self.model.language_model if hasattr(self.model, "language_model")
+                                      else self.model, lora_rank, lora_targets) == 0:
+            raise ValueError(f"LoRA: no nn.Linear named {lora_targets} in the language model")
+        self.model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw) -> "HFVLMEncoder":
+        from transformers import AutoModel
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"HF model directory {path} not found (save_pretrained output expected)")
+        return cls(AutoModel.from_pretrained(str(path)), **kw)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # frozen backbone: no dropout even while the head trains
+        return self
+
+    def build_inputs(self, image, instruction):
+        x = image_to_float(image).to(self.image_mean.device)
+        B = x.shape[0]
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        pixel_values = (x - self.image_mean) / self.image_std
+        if torch.is_tensor(instruction):
+            ids = instruction.long()
+        else:
+            if self.tokenizer is None:
+                raise ValueError("HFVLMEncoder got string instructions but no tokenizer; pass token ids (B, L)")
+            toks = [list(self.tokenizer(s)) for s in instruction]
+            L = max(len(t) for t in toks)
+            ids = torch.tensor([t + [-1] * (L - len(t)) for t in toks], dtype=torch.long)
+        if ids.shape[0] != B:
+            raise ValueError(f"HFVLMEncoder: {ids.shape[0]} instructions for {B} images")
+        ids = ids.to(x.device)
+        text_mask = ids >= 0
+        img = torch.full((B, self.num_image_tokens), int(self.image_token_id), dtype=torch.long, device=x.device)
+        input_ids = torch.cat([img, ids.clamp_min(0)], 1)
+        attn = torch.cat([torch.ones_like(img, dtype=torch.bool), text_mask], 1)
+        return input_ids, attn, pixel_values.to(next(self.model.parameters()).dtype)
+
+    def forward(self, image, instruction, proprio=None) -> torch.Tensor:
+        input_ids, attn, pixel_values = self.build_inputs(image, instruction)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.lora_rank > 0):
+            out = self.model(input_ids=input_ids, attention_mask=attn.long(), pixel_values=pixel_values,
+                             output_hidden_states=True)
+        h = out.hidden_states[self.layer].float()
+        m = attn.float()[..., None]
+        return (h * m).sum(1) / m.sum(1)

@@ -1,0 +1,212 @@
+"""The VLA policy: f_VLM encoder -> z, flow-matching action head v_theta, Sigma Net sigma_psi.
+
+    policy = VLAPolicy(PolicyConfig(proprio_dim=8))
+    z = policy.encode(image, instruction, proprio)            # once per start state: (B, z_dim)
+    loss = policy.flow_loss(z, s, actions_norm)               # Eq. 4 (SFT)
+    a = policy.sample_ode(z, s)                               # deterministic Euler, K steps (eval)
+    out = policy.sample_sde(z, s, num_samples=16, generator=g)   # Eq. 5-8 (RFT rollouts)
+    lp = policy.log_prob(out.chain, z, s)["log_prob"]         # same, with gradients (GRPO ratio)
+    env_actions = policy.act(image, instruction, proprio)     # raw in, unnormalised chunk out
+
+Actions inside the policy live in a normalised space: per-dim min/max of the training data mapped
+to [-1, 1] (buffers action_low/high, saved in the state dict and the checkpoint); proprio is
+standardised with buffers proprio_mean/std. `s` passed to the head is the normalised proprio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .action_head import FlowHead, SigmaNet
+from .encoders import HFVLMEncoder, SmallEncoder, check_finite
+from .sde import SDESample, ode_sample, sde_log_prob, sde_sample
+
+
+@dataclass
+class PolicyConfig:
+    action_dim: int = 7           # LIBERO: 6-D end-effector delta + gripper
+    chunk_len: int = 8
+    proprio_dim: int = 8
+    encoder: str = "small"        # "small" | "hf" (HF LLaVA-style VLM directory in hf_path)
+    hf_path: str = ""
+    hf_layer: int = -1
+    lora_rank: int = 0            # > 0: LoRA adapters on the HF text attention during SFT
+    z_dim: int = 128              # small encoder only (HF: the model's hidden size)
+    enc_channels: int = 32
+    d_model: int = 128
+    depth: int = 3
+    heads: int = 4
+    sigma_d_model: int = 64
+    sigma_depth: int = 2
+    sigma_min: float = 0.01       # normalised action units
+    sigma_max: float = 0.5
+    sigma_init: float = 0.02
+    num_steps: int = 10           # K (Eq. 5): delta = 1/K
+    logprob_reduce: str = "mean"  # Eq. 8: "mean" (paper) | "sum" (authors' code)
+    backend: str = "auto"         # SDE kernels: "triton" | "torch" | "auto"
+
+    def validate(self) -> None:
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"policy sigma bounds: need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                             f"sigma_max={self.sigma_max}")
+        if not self.sigma_min < self.sigma_init < self.sigma_max:
+            raise ValueError(f"policy sigma_init={self.sigma_init} must lie inside (sigma_min, sigma_max) = "
+                             f"({self.sigma_min}, {self.sigma_max})")
+        if self.encoder not in ("small", "hf"):
+            raise ValueError(f"policy encoder must be 'small' or 'hf', got {self.encoder!r}")
+        if self.encoder == "hf" and not self.hf_path:
+            raise ValueError("policy.encoder=hf needs policy.hf_path (a save_pretrained directory)")
+        if self.logprob_reduce not in ("mean", "sum"):
+            raise ValueError(f"policy logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"policy backend must be triton/torch/auto, got {self.backend!r}")
+        for k in ("action_dim", "chunk_len", "proprio_dim", "num_steps"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"policy {k} must be >= 1, got {getattr(self, k)}")
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig, encoder: nn.Module | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        if encoder is None:
+            if cfg.encoder == "small":
+                encoder = SmallEncoder(cfg.proprio_dim, cfg.z_dim, cfg.enc_channels)
+            else:
+                encoder = HFVLMEncoder.from_pretrained(cfg.hf_path, layer=cfg.hf_layer, lora_rank=cfg.lora_rank)
+        self.encoder = encoder
+        z_dim = int(encoder.z_dim)
+        dims = (cfg.action_dim, cfg.chunk_len, z_dim, cfg.proprio_dim)
+        self.flow_head = FlowHead(*dims, d_model=cfg.d_model, depth=cfg.depth, heads=cfg.heads)
+        self.sigma_net = SigmaNet(*dims, d_model=cfg.sigma_d_model, depth=cfg.sigma_depth, heads=cfg.heads,
+                                  sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_init=cfg.sigma_init)
+        A, P = cfg.action_dim, cfg.proprio_dim
+        self.register_buffer("action_low", -torch.ones(A))
+        self.register_buffer("action_high", torch.ones(A))
+        self.register_buffer("proprio_mean", torch.zeros(P))
+        self.register_buffer("proprio_std", torch.ones(P))
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        return (self.cfg.chunk_len, self.cfg.action_dim)
+
+    # ---- normalisation ----------------------------------------------------------------------
+    def set_norm_stats(self, actions: torch.Tensor, proprio: torch.Tensor) -> dict:
+        """Fit stats on raw training data: actions (..., A), proprio (..., P). Returns them as a dict."""
+        a = actions.reshape(-1, self.cfg.action_dim).float()
+        p = proprio.reshape(-1, self.cfg.proprio_dim).float()
+        check_finite("actions", a)
+        check_finite("proprio", p)
+        lo, hi = a.min(0).values, a.max(0).values
+        pad = ((hi - lo) < 1e-6).float() * 1e-3  # constant dims: avoid dividing by 0
+        self.action_low.copy_(lo - pad)
+        self.action_high.copy_(hi + pad)
+        self.proprio_mean.copy_(p.mean(0))
+        self.proprio_std.copy_(p.std(0).clamp_min(1e-3) if p.shape[0] > 1 else torch.ones_like(p[0]))
+        return self.norm_stats()
+
+    def norm_stats(self) -> dict:
+        return {k: getattr(self, k).detach().cpu().clone()
+                for k in ("action_low", "action_high", "proprio_mean", "proprio_std")}
+
+    def normalize_actions(self, a):
+        return 2.0 * (a - self.action_low) / (self.action_high - self.action_low) - 1.0
+
+    def unnormalize_actions(self, a):
+        return (a.clamp(-1.0, 1.0) + 1.0) * 0.5 * (self.action_high - self.action_low) + self.action_low
+
+    def normalize_proprio(self, p):
+        check_finite("proprio", p)
+        return (p.float() - self.proprio_mean) / self.proprio_std
+
+    # ---- networks ---------------------------------------------------------------------------
+    def encode(self, image, instruction, proprio) -> torch.Tensor:
+        """f_VLM -> z (B, z_dim). Run this once per start state; everything below takes z."""
+        z = self.encoder(image, instruction, self.normalize_proprio(proprio.to(self.proprio_mean.device)))
+        check_finite("z", z)
+        return z
+
+    def velocity(self, z, s, a, tau):
+        return self.flow_head(z, s, a, tau)
+
+    def sigma(self, z, s, a, tau):
+        return self.sigma_net(z, s, a, tau)
+
+    def _check_chunk(self, actions):
+        if actions.dim() != 3 or tuple(actions.shape[1:]) != self.chunk_shape:
+            raise ValueError(f"action chunk must be (B, {self.cfg.chunk_len}, {self.cfg.action_dim}); "
+                             f"got {tuple(actions.shape)}")
+        check_finite("actions", actions)
+
+    def flow_loss(self, z, s, actions, tau=None, noise=None, generator=None, alpha: float = 1.0,
+                  beta: float = 1.5, reduction: str = "mean"):
+        """Eq. 4 on normalised actions: ||v(z, s, a_tau, tau) - (a - eps)||^2, a_tau = tau a + (1-tau) eps,
+        tau ~ Beta(alpha, beta) drawn with `generator` when not given. Default Beta(1, 1.5): density
+        prop. to (1 - tau)^0.5, i.e. more weight near tau = 0 (noise), pi0's choice (Black et al. 2024,
+        Beta(1.5, 1) on 1 - tau in its own time convention): the high-noise steps are the hard ones."""
+        self._check_chunk(actions)
+        check_finite("z", z)
+        check_finite("proprio s", s)
+        B = actions.shape[0]
+        if tau is None:
+            tau = sample_beta(alpha, beta, B, generator, actions.device)
+        if noise is None:
+            noise = torch.randn(actions.shape, generator=generator, device=actions.device)
+        t = tau.view(B, 1, 1)
+        a_tau = t * actions + (1.0 - t) * noise
+        err = (self.flow_head(z, s, a_tau, tau) - (actions - noise)).pow(2)
+        per = err.mean((1, 2))  # mean over chunk and dims (the sum differs by a constant factor)
+        return per.mean() if reduction == "mean" else per
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def sample_ode(self, z, s, num_steps: int | None = None, noise=None, generator=None) -> torch.Tensor:
+        return ode_sample(self.velocity, z, s, self.chunk_shape, num_steps or self.cfg.num_steps, noise, generator)
+
+    def sample_sde(self, z, s, num_samples: int = 1, num_steps: int | None = None, generator=None,
+                   a0=None) -> SDESample:
+        return sde_sample(self.velocity, self.sigma, z, s, self.chunk_shape, num_samples,
+                          num_steps or self.cfg.num_steps, generator, self.cfg.logprob_reduce, self.cfg.backend, a0)
+
+    def log_prob(self, chain, z, s) -> dict[str, torch.Tensor]:
+        return sde_log_prob(self.velocity, self.sigma, chain, z, s, self.cfg.logprob_reduce, self.cfg.backend)
+
+    @torch.no_grad()
+    def rollout(self, image, instruction, proprio, num_samples: int = 16, generator=None):
+        """RFT rollouts from B start states: encode ONCE (B rows), then N SDE samples per state.
+        -> (z (B, Z), s (B, P), SDESample); SDESample.actions are normalised, see unnormalize_actions."""
+        z = self.encode(image, instruction, proprio)
+        s = self.normalize_proprio(proprio.to(z.device))
+        return z, s, self.sample_sde(z, s, num_samples, generator=generator)
+
+    @torch.no_grad()
+    def act(self, image, instruction, proprio, num_steps: int | None = None, generator=None) -> torch.Tensor:
+        """Raw observation -> unnormalised action chunk (B, T, A) with the deterministic ODE sampler."""
+        z = self.encode(image, instruction, proprio)
+        s = self.normalize_proprio(proprio.to(z.device))
+        return self.unnormalize_actions(self.sample_ode(z, s, num_steps, generator=generator))
+
+
+def sample_beta(alpha: float, beta: float, n: int, generator=None, device=None) -> torch.Tensor:
+    """tau ~ Beta(alpha, beta) drawn from a torch.Generator (reproducible, resumable). torch's Beta/Gamma
+    samplers take no generator, so this inverts the Beta CDF tabulated on a fine grid. Capped at 0.999
+    (pi0's s = 0.999) so a_tau never equals the clean action exactly."""
+    if alpha <= 0 or beta <= 0:
+        raise ValueError(f"Beta(alpha, beta) needs alpha, beta > 0; got {alpha}, {beta}")
+    u = torch.rand(n, generator=generator, device=device)
+    return _beta_icdf(u, alpha, beta)
+
+
+def _beta_icdf(u: torch.Tensor, alpha: float, beta: float, grid: int = 4097) -> torch.Tensor:
+    x = torch.linspace(0.0, 1.0, grid, device=u.device, dtype=torch.float64)
+    logpdf = (alpha - 1) * torch.log(x.clamp_min(1e-12)) + (beta - 1) * torch.log((1 - x).clamp_min(1e-12))
+    pdf = torch.exp(logpdf - logpdf.max())
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64, device=u.device),
+                     torch.cumsum(0.5 * (pdf[1:] + pdf[:-1]), 0)])
+    cdf = cdf / cdf[-1]
+    idx = torch.searchsorted(cdf, u.double().clamp(0, 1)).clamp(1, grid - 1)
+    c0, c1 = cdf[idx - 1], cdf[idx]
+    w = ((u.double() - c0) / (c1 - c0).clamp_min(1e-300)).clamp(0, 1)
+    return (x[idx - 1] + w * (x[idx] - x[idx - 1])).float().clamp(0.0, 0.999)

@@ -1,0 +1,276 @@
+"""Stage I: supervised flow-matching pretraining of the VLA policy (Eq. 4).
+
+    vla-rft sft out_dir=runs/sft task=reach num_episodes=40 steps=1500
+    vla-rft sft --config sft.yaml policy.d_model=256 resume=true
+
+Data: (image o_t, instruction l, proprio s_t, action chunk a_{t:t+C}) from the built-in table-top demos
+(`data=builtin`: vla_rft_engine.data.demos.collect_demos, cached to out_dir/demos.pt), a demos file
+(`data=/path/demos.pt`, load_demos format) or `data=synthetic` (tests). Chunks running past the
+episode end repeat the last action. Split by episode (val_fraction).
+Every step draws its batch, tau and noise from a generator seeded by (seed, step), so a resumed run
+repeats an uninterrupted one exactly. The Sigma Net is not trained here (Stage II only).
+Writes out_dir/{ckpt.pt, metrics.jsonl, tb/, config.yaml}; ckpt.pt holds the policy, its config and the
+action/proprio normalisation statistics (load_policy reads it back).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cli import print_config_help, split_args
+from ..config import ConfigError, from_dict, load_config, save_config, to_dict
+from ..models.policy import PolicyConfig, VLAPolicy
+from ..utils import RunLogger, atomic_save, load_checkpoint, resolve_device, seed_everything
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "runs/sft"
+    data: str = "builtin"          # builtin | synthetic | path to a demos file
+    task: str = "reach"            # builtin: a TASKS family or suite name
+    num_episodes: int = 40
+    image_size: int = 64
+    expert_noise: float = 0.0      # builtin: N(0, noise^2) on the expert's motion dims (state coverage)
+    data_seed: int = 0
+    val_fraction: float = 0.1
+    seed: int = 0
+    steps: int = 1500
+    stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    tau_alpha: float = 1.0         # tau ~ Beta(1, 1.5): pi0's noise-heavy weighting (see policy.flow_loss)
+    tau_beta: float = 1.5
+    log_every: int = 10
+    eval_every: int = 250
+    eval_max: int = 512            # val samples per evaluation
+    ckpt_every: int = 250
+    resume: bool = True
+    progress: bool = True
+    device: str = "auto"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.tau_alpha <= 0 or self.tau_beta <= 0:
+            raise ConfigError("tau_alpha and tau_beta must be > 0")
+        try:
+            self.policy.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def synthetic_demos(num_episodes: int, steps: int = 12, image_size: int = 16, seed: int = 0) -> dict:
+    """Demos-format toy data: the action is a fixed function of the proprio and the image colour."""
+    rng = np.random.default_rng(seed)
+    colour = rng.uniform(0, 1, (num_episodes, 1, 1, 1, 3))
+    frames = (np.broadcast_to(colour, (num_episodes, steps + 1, image_size, image_size, 3)) * 255).astype(np.uint8)
+    proprio = np.cumsum(rng.normal(0, 0.1, (num_episodes, steps + 1, 8)), 1).astype(np.float32)
+    w = np.random.default_rng(123).normal(0, 1, (8 + 3, 7))
+    feat = np.concatenate([proprio[:, :-1], np.broadcast_to(colour[:, :, 0, 0], (num_episodes, steps, 3))], -1)
+    actions = np.tanh(feat @ w).astype(np.float32)
+    words = ["red", "green", "blue"]
+    instr = [f"move toward the {words[int(np.argmax(c))]} side" for c in colour[:, 0, 0, 0]]
+    return {"frames": frames, "actions": actions, "proprio": proprio, "instructions": instr,
+            "success": np.ones(num_episodes, bool), "lengths": np.full(num_episodes, steps, np.int64)}
+
+
+def get_demos(cfg: SFTConfig) -> dict:
+    if cfg.data == "synthetic":
+        return synthetic_demos(cfg.num_episodes, image_size=cfg.image_size, seed=cfg.data_seed)
+    from ..data.demos import collect_demos, load_demos, save_demos
+    if cfg.data != "builtin":
+        return load_demos(cfg.data)
+    cache = Path(cfg.out_dir) / "demos.pt"
+    if cache.is_file():
+        d = load_demos(cache)
+        if (len(d["actions"]) == cfg.num_episodes and d["frames"].shape[2] == cfg.image_size
+                and d.get("task") == cfg.task and float(d.get("expert_noise", 0.0)) == cfg.expert_noise):
+            return d
+    d = collect_demos(cfg.task, cfg.num_episodes, seed=cfg.data_seed, image_size=cfg.image_size,
+                      expert_noise=cfg.expert_noise)
+    save_demos(d, cache)
+    return d
+
+
+class ChunkData:
+    """(episode, t) samples of a demos dict; chunk a_{t:t+C} padded with the episode's last action."""
+
+    def __init__(self, demos: dict, episodes: np.ndarray, chunk_len: int):
+        for k in ("frames", "actions", "proprio", "instructions"):
+            if k not in demos:
+                raise ValueError(f"demos lack '{k}' (expected the collect_demos/load_demos format)")
+        self.frames = torch.as_tensor(np.asarray(demos["frames"])[episodes])
+        acts = torch.as_tensor(np.asarray(demos["actions"], dtype=np.float32)[episodes])
+        self.proprio = torch.as_tensor(np.asarray(demos["proprio"], dtype=np.float32)[episodes])
+        self.instructions = [demos["instructions"][i] for i in episodes]
+        E, T, A = acts.shape
+        pad = acts[:, -1:].expand(E, chunk_len - 1, A)
+        self.actions = torch.cat([acts, pad], 1).unfold(1, chunk_len, 1).permute(0, 1, 3, 2)  # (E, T, C, A)
+        lengths = np.asarray(demos.get("lengths", np.full(len(demos["actions"]), T)))[episodes]
+        # skip most of the post-success no-op tail: it would dominate the data
+        self.index = torch.tensor([(e, t) for e in range(E) for t in range(min(T, int(lengths[e]) + chunk_len))])
+        self.raw_actions = acts
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, idx: torch.Tensor):
+        e, t = self.index[idx].unbind(1)
+        return (self.frames[e, t], [self.instructions[i] for i in e.tolist()], self.proprio[e, t],
+                self.actions[e, t])
+
+
+def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng([seed, 7]).permutation(n)
+    n_val = max(1, int(math.ceil(n * val_fraction)))
+    if n - n_val < 1:
+        raise ConfigError(f"{n} episodes are too few to split off a validation set")
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(policy: VLAPolicy, data: ChunkData, cfg: SFTConfig, device) -> dict:
+    """Val flow loss (fixed tau/noise) and L1 of the ODE policy's chunk vs the expert's, per action dim."""
+    policy.eval()
+    g = torch.Generator().manual_seed(cfg.seed + 99991)
+    n = min(len(data), cfg.eval_max)
+    idx = torch.randperm(len(data), generator=g)[:n]
+    losses, l1 = [], []
+    for i in range(0, n, cfg.batch_size):
+        img, instr, prop, act = data.batch(idx[i:i + cfg.batch_size])
+        z = policy.encode(img.to(device), instr, prop.to(device))
+        s = policy.normalize_proprio(prop.to(device))
+        tau = _beta(cfg, len(act), g).to(device)
+        noise = torch.randn(act.shape, generator=g).to(device)
+        losses.append(policy.flow_loss(z, s, policy.normalize_actions(act.to(device)), tau=tau, noise=noise,
+                                       reduction="none"))
+        pred = policy.unnormalize_actions(policy.sample_ode(z, s, noise=torch.randn(act.shape, generator=g).to(device)))
+        l1.append((pred - act.to(device)).abs().mean(1))  # (b, A)
+    policy.train()
+    l1 = torch.cat(l1)
+    out = {"val/flow_loss": torch.cat(losses).mean().item(), "val/l1": l1.mean().item()}
+    out.update({f"val/l1_dim{d}": v for d, v in enumerate(l1.mean(0).tolist())})
+    return out
+
+
+def _beta(cfg: SFTConfig, n: int, g: torch.Generator) -> torch.Tensor:
+    from ..models.policy import sample_beta
+    return sample_beta(cfg.tau_alpha, cfg.tau_beta, n, g)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
+    """A trained policy (with its normalisation stats) from an SFT checkpoint."""
+    ck = load_checkpoint(path, "SFT policy checkpoint")
+    policy = VLAPolicy(from_dict(PolicyConfig, ck["policy_config"]))
+    policy.load_state_dict(ck["model"])
+    return policy.to(device).eval()
+
+
+def train(cfg: SFTConfig) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    demos = get_demos(cfg)
+    n_ep = len(demos["actions"])
+    if demos["actions"].shape[-1] != cfg.policy.action_dim or demos["proprio"].shape[-1] != cfg.policy.proprio_dim:
+        raise ConfigError(f"demos have action dim {demos['actions'].shape[-1]} / proprio dim "
+                          f"{demos['proprio'].shape[-1]}; set policy.action_dim / policy.proprio_dim to match")
+    tr_ep, va_ep = split_episodes(n_ep, cfg.val_fraction, cfg.data_seed)
+    train_data = ChunkData(demos, tr_ep, cfg.policy.chunk_len)
+    val_data = ChunkData(demos, va_ep, cfg.policy.chunk_len)
+
+    policy = VLAPolicy(cfg.policy).to(device)
+    policy.set_norm_stats(train_data.raw_actions, train_data.proprio)
+    params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("sigma_net.")]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step):  # linear warmup, cosine to 10%
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+    ckpt_path, start = out / "ckpt.pt", 0
+    if cfg.resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path, "SFT checkpoint", map_location=device)
+        policy.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start = int(ck["step"])
+    save_config(cfg, out / "config.yaml")
+    logger = RunLogger(out, resume=start > 0)
+
+    def save(step, metrics):
+        atomic_save({"model": policy.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "step": step, "config": to_dict(cfg), "policy_config": to_dict(cfg.policy),
+                     "norm_stats": policy.norm_stats(), "metrics": metrics}, ckpt_path)
+
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    metrics: dict = {}
+    t0 = time.time()
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="sft", dynamic_ncols=True)
+    policy.train()
+    for step in range(start, end):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        img, instr, prop, act = train_data.batch(torch.randint(len(train_data), (cfg.batch_size,), generator=g))
+        prop, act = prop.to(device), act.to(device)
+        z = policy.encode(img.to(device), instr, prop)
+        s = policy.normalize_proprio(prop)
+        tau = _beta(cfg, cfg.batch_size, g).to(device)
+        noise = torch.randn(act.shape, generator=g).to(device)
+        loss = policy.flow_loss(z, s, policy.normalize_actions(act), tau=tau, noise=noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            logger.log(done, {"train/flow_loss": loss.item(), "train/grad_norm": gnorm.item(),
+                              "train/lr": sched.get_last_lr()[0]})
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            metrics = evaluate(policy, val_data, cfg, device)
+            logger.log(done, metrics)
+        if done % cfg.ckpt_every == 0 or done == end:
+            save(done, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", **({"val": f"{metrics['val/flow_loss']:.4f}"} if metrics else {}))
+    if bar is not None:
+        bar.close()
+    logger.close()
+    return {"step": end, "wall_s": time.time() - t0, "train_samples": len(train_data), "val_samples": len(val_data),
+            "episodes": n_ep, **metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    yaml_path, overrides, want_help = split_args(list(argv or []))
+    if want_help:
+        print_config_help("sft", SFTConfig())
+        return 0
+    cfg = load_config(SFTConfig, yaml_path, overrides)
+    res = train(cfg)
+    print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in res.items()})
+    return 0
+
+
+__all__ = ["SFTConfig", "train", "main", "evaluate", "load_policy", "synthetic_demos", "ChunkData"]
