@@ -1,1 +1,4 @@
-"""The rollout engine (installed as vla_rft_engine.engine): scheduling, static KV cache, graph-captured loops."""
+"""The rollout engine (installed as vla_rft_engine.engine): static KV cache with a group-shared prompt
+prefix, per-frame decode loop with action prefill, CUDA-graph captured decode steps, attention backends."""
+from .kv_cache import RolloutCache  # noqa: F401
+from .rollout import rollout  # noqa: F401

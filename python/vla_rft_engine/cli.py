@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-wm": ("vla_rft_engine.train.world_model", "MLE pretraining of the world model (Eq. 3)"),
     "wm-eval": ("vla_rft_engine.train.wm_eval", "world-model rollout quality: MSE, PSNR, SSIM, LPIPS (Table 1)"),
     "sft": ("vla_rft_engine.train.sft", "Stage I flow-matching SFT of the policy (Eq. 4)"),
+    "rft": ("vla_rft_engine.rl.rft", "Stage II GRPO fine-tuning of the policy in the frozen world model"),
 }
 
 

@@ -1,0 +1,118 @@
+"""CPU decode step for the rollout engine: the same model and cache, fewer and cheaper ops per step.
+
+At the CPU RFT shape (small preset, 34 rows) a decode step is a few hundred small ops, so per-op
+overhead and needless passes over the scores matter as much as the matmuls. Here:
+  - q/k/v and gate/up are one matmul each (WorldModel.fused_weights); the residual adds ride on addmm_;
+  - rotary tables are built once per rollout for every suffix slot of every group and sliced per step;
+  - rotary results are written into preallocated buffers, K straight from there into its cache slot;
+  - single-token attention needs no mask (every filled suffix slot is visible, the ragged prefix gets a
+    precomputed additive bias only when prompts are ragged); the prefix is read once per group;
+  - the LM head runs over the dynamics-code rows of the last position only.
+Chunks of more than one token (frame end + action) take the generic cached-attention path.
+Math follows WorldModel.hidden op for op (HF RMSNorm order, rotate_half rotary, fp32 softmax).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import eager_attention
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # bitwise equal to RMSNorm.forward in fp32, one op
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class CpuDecoder:
+    def __init__(self, wm, cache, groups: int, samples: int, prefix_lens: torch.Tensor):
+        cfg = wm.config
+        self.wm, self.cache, self.cfg = wm, cache, cfg
+        self.G, self.N, self.B = groups, samples, groups * samples
+        self.H, self.HKV, self.D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        dtype = wm.output.weight.dtype
+        self.fused = wm.fused_weights()
+        self.head = wm.output.weight[:cfg.num_codes]
+        # rotary tables for suffix slot s of group g: position prefix_lens[g] + s
+        pos = prefix_lens.to(torch.int64)[:, None] + torch.arange(cache.suffix_len)
+        cos, sin = wm.rope(pos)  # (G, S, D/2) fp32
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        P = cache.prefix_len
+        self.prefix_bias = None  # (G, 1, 1, P) additive: -inf past each group's prompt
+        if bool((prefix_lens < P).any()):
+            pad = torch.arange(P)[None, :] >= prefix_lens[:, None]
+            self.prefix_bias = torch.zeros(groups, P).masked_fill_(pad, float("-inf"))[:, None, None]
+        self._bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _buffers(self, L: int):
+        if L not in self._bufs:  # rotated q and k, and a scratch product, per chunk length
+            shape = (self.G, self.N, L, self.H + self.HKV, 2, self.D // 2)
+            dt = self.cos.dtype
+            self._bufs[L] = (torch.empty(shape, dtype=dt), torch.empty(shape[:-2] + (self.D // 2,), dtype=dt))
+        return self._bufs[L]
+
+    def _rotary(self, qk: torch.Tensor, s0: int, L: int) -> torch.Tensor:
+        """qk (G, N, L, H+Hkv, 2, D/2) view of the projections -> rotated copy (rotate_half convention)."""
+        out, tmp = self._buffers(L)
+        c = self.cos[:, None, s0:s0 + L, None]  # (G, 1, L, 1, D/2)
+        s = self.sin[:, None, s0:s0 + L, None]
+        x1, x2 = qk[..., 0, :], qk[..., 1, :]
+        o1, o2 = out[..., 0, :], out[..., 1, :]
+        torch.mul(x1, c, out=o1)
+        o1.sub_(torch.mul(x2, s, out=tmp))
+        torch.mul(x2, c, out=o2)
+        o2.add_(torch.mul(x1, s, out=tmp))
+        return out
+
+    def _attend1(self, q, pk, pv, sk, sv, S: int) -> torch.Tensor:
+        """One query per row: q (B, H, D) over the group's prefix and the row's S filled suffix slots."""
+        G, N, B, HKV, D = self.G, self.N, self.B, self.HKV, self.D
+        rep, P = self.H // HKV, pk.shape[2]
+        qg = q.view(G, N, HKV, rep, D).transpose(1, 2).reshape(G, HKV, N * rep, D)
+        sp = torch.matmul(qg, pk.transpose(-1, -2))  # (G, HKV, N*rep, P): the prompt read once per group
+        if self.prefix_bias is not None:
+            sp += self.prefix_bias
+        ss = torch.matmul(q.view(B, HKV, rep, D), sk[:, :, :S].transpose(-1, -2))  # (B, HKV, rep, S)
+        sp = sp.view(G, HKV, N, rep, P).transpose(1, 2).reshape(B, HKV, rep, P)
+        prob = torch.cat([sp, ss], -1).float().mul_(D ** -0.5).softmax(-1).to(q.dtype)
+        out = torch.matmul(prob[..., P:], sv[:, :, :S])  # (B, HKV, rep, D)
+        pp = prob[..., :P].reshape(G, N, HKV, rep, P).transpose(1, 2).reshape(G, HKV, N * rep, P)
+        out += torch.matmul(pp, pv).view(G, HKV, N, rep, D).transpose(1, 2).reshape(B, HKV, rep, D)
+        return out.view(B, self.H * D)
+
+    @staticmethod
+    def _residual(x, y, w):
+        if x.dtype == torch.float32:  # the add rides in the GEMM epilogue
+            return x.addmm_(y, w.t())  # x is always this step's own tensor
+        return x + torch.mm(y, w.t())  # low precision: round the product first, as the module does
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) at the cache's current fill level -> dynamics-code logits (B, num_codes) of the last one."""
+        c, cfg = self.cache, self.cfg
+        B, L = ids.shape
+        G, N, H, HKV, D = self.G, self.N, self.H, self.HKV, self.D
+        s0 = c.s0_host
+        x = F.embedding(ids, self.wm.tok_embeddings.weight).view(B * L, -1)
+        for i, blk in enumerate(self.wm.layers):
+            wqkv, w13 = self.fused[i]
+            qkv = torch.mm(_rms(x, blk.attention_norm.weight, cfg.rms_eps), wqkv.t())
+            qk = qkv[:, :(H + HKV) * D].view(G, N, L, H + HKV, 2, D // 2)
+            rot = self._rotary(qk, s0, L).view(B, L, H + HKV, D)
+            sk, sv = c.suffix_k[i], c.suffix_v[i]
+            sk[:, :, s0:s0 + L].copy_(rot[:, :, H:].transpose(1, 2))
+            sv[:, :, s0:s0 + L].copy_(qkv[:, (H + HKV) * D:].view(B, L, HKV, D).transpose(1, 2))
+            if L == 1:
+                y = self._attend1(rot[:, 0, :H], c.prefix_k[i], c.prefix_v[i], sk, sv, s0 + 1)
+            else:
+                y = eager_attention(rot[:, :, :H].contiguous(), c.prefix_k[i], c.prefix_v[i], c.prefix_lens, sk, sv, c.s0,
+                                    s0 + L).reshape(B * L, H * D)
+            x = self._residual(x, y, blk.attention.wo.weight)
+            gu = torch.mm(_rms(x, blk.ffn_norm.weight, cfg.rms_eps), w13.t())
+            I = gu.shape[1] // 2
+            g = F.silu(gu[:, :I], inplace=True).mul_(gu[:, I:])
+            x = self._residual(x, g, blk.feed_forward.w2.weight)
+        c.advance(L)
+        h = _rms(x.view(B, L, -1)[:, -1], self.wm.norm.weight, cfg.rms_eps)
+        return torch.mm(h, self.head.t())

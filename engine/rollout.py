@@ -1,0 +1,194 @@
+"""Interactive world-model rollouts: prompt prefilled once per group, per-frame decode, action prefill.
+
+    frames = rollout(wm, prompt_ids, action_ids, tokens_per_frame=64, num_samples=N, temperature=1.0, top_p=0.8)
+
+prompt_ids (G, P): context frame + first dynamics frame + first action (1095 tokens at paper sizes),
+RIGHT-padded when ragged, with prompt_lengths (G,) giving each row's true length (padding ignored).
+action_ids (G, T-1, A) shared by a group's samples, or (G*N, T-1, A) one sequence per sample (RFT: each
+sampled action chunk gets its own rollout); action t is appended after generated frame t.
+Returns frame tokens (G*N, T, F) (samples of one prompt adjacent), and log-probs (G*N, T, F) when asked.
+Frame tokens are sampled only among dynamics codes [0, cfg.num_codes); other logits are masked.
+
+Per frame: F-1 single-token decode steps, then one (1 + A)-token step feeding the frame's last token
+and the next action together. The loop never reads device values on the host; on CUDA the single-token
+step runs as a captured CUDA graph. The LM head is evaluated over the dynamics-code rows only.
+On the CPU (eager/sdpa backends) decode steps run through engine/cpu_decode.py (cpu_fast=False: the
+generic path) and sampling through kernels/sampling.sample_cpu (same tokens as the sort-based reference).
+"""
+from __future__ import annotations
+
+import torch
+
+from vla_rft_engine.utils import nvtx_range
+
+from .kv_cache import RolloutCache
+
+
+def _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples, prompt_lengths, max_seq_len):
+    cfg = wm.config
+    if not torch.is_tensor(prompt_ids) or prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be a (batch, prompt_len) integer tensor, got "
+                         f"{tuple(prompt_ids.shape) if torch.is_tensor(prompt_ids) else type(prompt_ids)}")
+    G, P = prompt_ids.shape
+    if num_samples < 1 or tokens_per_frame < 1:
+        raise ValueError(f"num_samples ({num_samples}) and tokens_per_frame ({tokens_per_frame}) must be >= 1")
+    if not torch.is_tensor(action_ids) or action_ids.dim() != 3 or action_ids.shape[0] not in (G, G * num_samples):
+        raise ValueError(f"action_ids must be (batch, frames-1, action_dim) with batch {G} (shared by the samples) "
+                         f"or {G * num_samples} (one per sample), got "
+                         f"{tuple(action_ids.shape) if torch.is_tensor(action_ids) else type(action_ids)}")
+    if prompt_lengths is None:
+        lens = torch.full((G,), P, dtype=torch.int64)
+    else:
+        lens = torch.as_tensor(prompt_lengths, dtype=torch.int64).cpu().flatten()
+        if lens.numel() != G or int(lens.min()) < 1 or int(lens.max()) > P:
+            raise ValueError(f"prompt_lengths must hold {G} lengths in [1, {P}] (prompts are right-padded), got {lens.tolist()}")
+    valid = torch.arange(P)[None, :] < lens[:, None]
+    wm.check_ids(prompt_ids.cpu()[valid], "prompt_ids")
+    wm.check_ids(action_ids, "action_ids")
+    T, A = action_ids.shape[1] + 1, action_ids.shape[2]
+    S = T * tokens_per_frame + (T - 1) * A
+    limit = min(cfg.max_position, max_seq_len or cfg.max_position)
+    if P + S > limit:
+        raise ValueError(f"prompt ({P} tokens) + rollout ({T} frames x {tokens_per_frame} + {T - 1} actions x {A} = {S}) "
+                         f"= {P + S} tokens exceeds the cache/positions limit {limit}; shorten the prompt or the rollout")
+    return G, P, T, A, S, lens, valid
+
+
+def _sampler(backend, device, logprob: bool):
+    if backend == "triton":
+        from vla_rft_engine.kernels.sampling import sample
+        return sample
+    if device.type == "cpu":  # same tokens as sample_reference without its full sort
+        from vla_rft_engine.kernels.sampling import sample_cpu
+        return lambda *a: sample_cpu(*a, logprob=logprob)
+    from vla_rft_engine.kernels.sampling import sample_reference
+    return sample_reference
+
+
+class _Stepper:
+    """Runs wm on a suffix chunk against the cache; the single-token step may be CUDA-graph captured."""
+
+    def __init__(self, wm, cache: RolloutCache, use_graph: bool):
+        self.wm, self.cache, self.graph = wm, cache, None
+        self.head = wm.output.weight[:wm.config.num_codes]  # only dynamics-code logits are ever sampled
+        if use_graph:
+            self._capture()
+
+    def _forward(self, ids):
+        h = self.wm.hidden(ids, self.cache.row_positions(ids.shape[1]), self.cache)[:, -1]
+        self.cache.advance(ids.shape[1])
+        return torch.nn.functional.linear(h, self.head)
+
+    def _capture(self):
+        c = self.cache
+        B = c.groups * c.samples
+        self.static_ids = torch.zeros((B, 1), dtype=torch.int64, device=c.s0.device)
+        s0_save, host_save = c.s0.clone(), c.s0_host
+        c.s0_host = None  # no host-side slicing inside the graph
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up (Triton autotune/compile) off the capture
+                self._forward(self.static_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self._forward(self.static_ids)
+        c.s0.copy_(s0_save)
+        c.s0_host = host_save  # warm-up wrote garbage into suffix slots that later steps overwrite
+
+    def __call__(self, ids):
+        if self.graph is not None and ids.shape[1] == 1:
+            self.static_ids.copy_(ids)
+            self.graph.replay()  # advances c.s0 on device
+            if self.cache.s0_host is not None:
+                self.cache.s0_host += 1
+            return self.static_logits
+        return self._forward(ids)
+
+
+class _Clock:
+    """Adds wall time per phase into `timings` (no-op when None); syncs CUDA at each lap, so only for benches."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        import time
+        self.t, self.now, self.cuda = timings, time.perf_counter, device.type == "cuda"
+        self.last = self.now() if timings is not None else 0.0
+
+    def lap(self, key: str) -> None:
+        if self.t is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = self.now()
+        self.t[key] = self.t.get(key, 0.0) + now - self.last
+        self.last = now
+
+
+@torch.no_grad()
+def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples: int = 1, temperature: float = 1.0,
+            top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None, return_logprobs: bool = False,
+            prompt_lengths=None, use_cuda_graph: bool | None = None, max_seq_len: int | None = None,
+            backend: str | None = None, cpu_fast: bool | None = None, timings: dict | None = None):
+    """See the module docstring. `timings` (a dict) receives seconds per phase: prefill_s, sample_s (noise +
+    sampling), decode_s (single-token steps), action_s (frame-end + action steps), setup_s."""
+    cfg = wm.config
+    G, P, T, A, S, lens, valid = _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples,
+                                               prompt_lengths, max_seq_len)
+    dev = wm.output.weight.device
+    dtype = wm.output.weight.dtype
+    backend = backend or cfg.attn_backend
+    N, B, F = num_samples, G * num_samples, tokens_per_frame
+    clock = _Clock(timings, dev)
+    prompt = torch.where(valid, prompt_ids.cpu(), 0).to(dev)
+    lens_d = lens.to(dev)
+    acts = action_ids.to(dev)
+    if acts.shape[0] == G and N > 1:
+        acts = acts.repeat_interleave(N, 0)
+    cache = RolloutCache(cfg, G, N, P, S, dtype, dev, backend)
+    cache.set_prefix_lens(lens_d)
+    sample = _sampler(backend, dev, return_logprobs)
+    tokens = torch.empty((B, T, F), dtype=torch.int64, device=dev)
+    logps = torch.empty((B, T, F), dtype=torch.float32, device=dev) if return_logprobs else None
+
+    with nvtx_range("wm.prefill"):  # once per group, not per sample
+        pos = torch.arange(P, device=dev).expand(G, P)
+        h = wm.hidden(prompt, pos, cache)
+        head = wm.output.weight[:cfg.num_codes]  # the head over dynamics codes only: the rest would be masked
+        logits = torch.nn.functional.linear(h[torch.arange(G, device=dev), lens_d - 1], head).repeat_interleave(N, 0)
+    cache.mode = "decode"
+    clock.lap("prefill_s")
+    if use_cuda_graph is None:
+        use_cuda_graph = dev.type == "cuda" and backend in ("triton", "sdpa", "flash")
+    if use_cuda_graph and dev.type != "cuda":
+        raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
+    if cpu_fast is None:
+        cpu_fast = dev.type == "cpu" and backend in ("eager", "sdpa")
+    if cpu_fast:
+        from .cpu_decode import CpuDecoder
+        step = CpuDecoder(wm, cache, G, N, lens)
+    else:
+        step = _Stepper(wm, cache, use_cuda_graph)
+    greedy = temperature == 0
+    from vla_rft_engine.kernels.sampling import gumbel_noise
+    noise_buf = None if greedy else torch.empty((B, cfg.num_codes), device=dev)
+    clock.lap("setup_s")
+    for t in range(T):
+        with nvtx_range(f"wm.frame{t}"):
+            for f in range(F):
+                noise = None
+                if not greedy:  # same generator stream as a fresh draw per step
+                    noise = gumbel_noise((B, cfg.num_codes), generator=generator, device=dev, out=noise_buf)
+                tok, lp = sample(logits, noise, temperature, top_k, top_p)
+                tokens[:, t, f] = tok
+                if logps is not None:
+                    logps[:, t, f] = lp
+                clock.lap("sample_s")
+                if f < F - 1:
+                    logits = step(tok[:, None])
+                    clock.lap("decode_s")
+                elif t < T - 1:
+                    with nvtx_range("wm.action_prefill"):
+                        logits = step(torch.cat([tok[:, None], acts[:, t]], 1))
+                    clock.lap("action_s")
+    return (tokens, logps) if return_logprobs else tokens

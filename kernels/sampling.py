@@ -1,0 +1,141 @@
+"""Fused temperature / top-k / top-p sampling from given Gumbel noise (deterministic, no sort).
+
+Order as in HF generate: logits / temperature -> keep top-k -> keep the smallest set of top-p mass ->
+token = argmax(z + gumbel) over the kept set (Gumbel-max = a draw from the renormalised softmax).
+The kernel finds the top-k value and the top-p probability threshold by bisection on the value (enough
+steps to reach adjacent floats), so it needs no sort; near-exact ties at the boundary may resolve
+differently from the sort-based reference. Also returns log p(token) under softmax(z) over all V
+(temperature-scaled, before truncation): the quantity RL ratios need. temperature == 0 -> argmax, T=1 log-prob.
+Only the V columns passed are candidates: the engine passes logits[:, :num_codes] (dynamics codes).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def gumbel_noise(shape, generator=None, device=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """-log(-log(u)); with `out` the draw is written in place (same values, same generator stream)."""
+    u = torch.rand(shape, generator=generator, device=device, out=out).clamp_(1e-10, 1.0 - 1e-7)
+    return u.log_().neg_().log_().neg_()
+
+
+def sample_reference(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """logits (B, V), noise (B, V) gumbel -> (token (B,) int64, logprob (B,) fp32)."""
+    x = logits.float()
+    if temperature == 0:
+        tok = x.argmax(-1)
+        return tok, x.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+    z = x / temperature
+    s = z
+    if top_k > 0 and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]
+        s = s.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        p = s.softmax(-1)
+        ps, order = p.sort(-1, descending=True)
+        drop_sorted = (ps.cumsum(-1) - ps) >= top_p  # mass strictly above this token already reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        s = s.masked_fill(drop, float("-inf"))
+    tok = (s + noise.float()).argmax(-1)
+    return tok, z.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+
+
+def sample_cpu(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0, logprob: bool = True):
+    """sample_reference's result without its full argsort (the CPU decode loop's main cost at V=4375).
+
+    The sorted VALUES of p do not depend on how a sort orders ties, so numpy's SIMD value sort plus torch's
+    cumsum reproduce the reference's per-position drop mask bit for bit; the kept set is then p >= the
+    smallest kept value. Where that could differ from the reference (a tie straddling the cut, a drop mask
+    that is not a prefix, non-finite values) the reference itself runs. logprob=False skips the log-prob.
+    """
+    import numpy as np
+    if temperature == 0 or top_p >= 1.0 or logits.device.type != "cpu":
+        tok, lp = sample_reference(logits, noise, temperature, top_k, top_p)
+        return tok, (lp if logprob else None)
+    z = logits.float() / temperature
+    s = z
+    if top_k > 0 and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]
+        s = s.masked_fill(z < kth, float("-inf"))
+    p = s.softmax(-1)
+    ps = torch.from_numpy(np.sort(np.negative(p.numpy()), axis=-1)).neg_()  # descending values
+    c = ps.cumsum(-1)
+    drop = (c - ps) >= top_p
+    k = (~drop).sum(-1, keepdim=True)  # kept count, >= 1
+    V = ps.shape[1]
+    cut = ps.gather(1, k - 1)  # smallest kept probability
+    nxt = ps.gather(1, k.clamp(max=V - 1))
+    ambiguous = ((k < V) & (nxt == cut)).any() or (drop[:, :-1] & ~drop[:, 1:]).any() or not torch.isfinite(c[:, -1]).all()
+    if ambiguous:
+        tok, lp = sample_reference(logits, noise, temperature, top_k, top_p)
+        return tok, (lp if logprob else None)
+    tok = (s + noise.float()).masked_fill_(p < cut, float("-inf")).argmax(-1)
+    return tok, (z.log_softmax(-1).gather(1, tok[:, None])[:, 0] if logprob else None)
+
+
+@triton.jit
+def _sample_kernel(LOGITS, NOISE, TOK, LOGP, V, s_l, s_n, temperature, top_k, top_p,
+                   GREEDY: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < V
+    x = tl.load(LOGITS + row * s_l + cols, mask=valid, other=float("-inf")).to(tl.float32)
+    z = x / temperature
+    zmax = tl.max(z, axis=0)
+    e = tl.where(valid, tl.exp(z - zmax), 0.0)
+    lse = zmax + tl.log(tl.sum(e, axis=0))
+    keep = valid
+    if USE_TOPK:
+        lo = tl.min(tl.where(valid, z, float("inf")), axis=0)  # count(z >= lo) = V >= k
+        hi = zmax + 1.0  # count(z >= hi) = 0 < k
+        for _ in range(64):
+            mid = (lo + hi) * 0.5
+            ge = tl.sum(tl.where(valid & (z >= mid), 1, 0), axis=0) >= top_k
+            lo = tl.where(ge, mid, lo)
+            hi = tl.where(ge, hi, mid)
+        keep = keep & (z >= lo)
+    if USE_TOPP:
+        ek = tl.where(keep, e, 0.0)
+        p = ek / tl.sum(ek, axis=0)
+        plo = 0.0
+        phi = 2.0
+        for _ in range(64):
+            mid = (plo + phi) * 0.5
+            ge = tl.sum(tl.where(p >= mid, p, 0.0), axis=0) >= top_p
+            plo = tl.where(ge, mid, plo)
+            phi = tl.where(ge, phi, mid)
+        keep = keep & (p >= plo)
+    if GREEDY:
+        score = tl.where(valid, x, float("-inf"))
+    else:
+        g = tl.load(NOISE + row * s_n + cols, mask=valid, other=0.0).to(tl.float32)
+        score = tl.where(keep, z + g, float("-inf"))
+    best = tl.max(score, axis=0)
+    tok = tl.min(tl.where(score == best, cols, BLOCK), axis=0)
+    zt = tl.sum(tl.where(cols == tok, z, 0.0), axis=0)
+    tl.store(TOK + row, tok.to(tl.int64))
+    tl.store(LOGP + row, zt - lse)
+
+
+def sample(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """Same contract as sample_reference; logits may be a column slice (row stride kept)."""
+    B, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    greedy = temperature == 0
+    if noise is None:
+        if not greedy:
+            raise ValueError("sampling with temperature > 0 needs gumbel noise")
+        noise = logits  # never read
+    elif noise.stride(-1) != 1:
+        noise = noise.contiguous()
+    tok = torch.empty(B, dtype=torch.int64, device=logits.device)
+    logp = torch.empty(B, dtype=torch.float32, device=logits.device)
+    use_k = (not greedy) and 0 < top_k < V
+    use_p = (not greedy) and top_p < 1.0
+    _sample_kernel[(B,)](logits, noise, tok, logp, V, logits.stride(0), noise.stride(0),
+                         1.0 if greedy else float(temperature), int(top_k), float(top_p),
+                         GREEDY=greedy, USE_TOPK=use_k, USE_TOPP=use_p, BLOCK=triton.next_power_of_2(V))
+    return tok, logp

@@ -1,0 +1,410 @@
+"""`vla-rft rft`: Stage II, GRPO fine-tuning of the SDE policy inside the frozen world model (Eq. 5-13).
+
+    vla-rft rft tokenizer=T/ world_model=W/world_model policy=P/ckpt.pt demos=P/demos.pt segments=seg.pt
+    torchrun --nproc_per_node=K -m vla_rft_engine.cli rft ...          (NCCL on GPUs, gloo on CPU processes)
+
+One step (S = grpo.task_instances start states, N = grpo.rollouts; Table 7: 16 x 16):
+  1. draw S start states from the demos (o_t, l, s_t, dataset chunk a_{t:t+C}); rank r takes a contiguous shard
+  2. per block of `states_per_block` start states, one RNG stream seeded by (seed, step, first global index):
+     encode   f_VLM once per start state -> z; the tokenizer encodes o_t into the WM prompt
+     sde      N SDE chunks per start state (Eq. 5-8), log-probs kept
+     wm       ONE frozen-WM rollout call for the block: prompt ctx(o_t) + dyn(o_t) + a_t (dataset) shared by the
+              group, num_samples = N + 1: the N policy chunks and, last, the dataset chunk (R3's reference)
+     decode   frame tokens -> frames (tokenizer)
+     reward   verified reward (Eq. 11; R3 default, R1/R2 selectable)
+  3. group advantage (Eq. 12); GRPO update (Eq. 9, 13) of the action head and Sigma Net (separate lrs, encoder
+     and WM frozen) with the flow MSE on dataset actions, entropy bonus, grad clip, ppo epochs x minibatches.
+The first action of a chunk sits in the shared prompt as the dataset's a_t (as in the authors' release), so
+frames t+1.. follow the policy's a_{t+1..t+C-1}.
+
+Reproducibility: every random draw comes from generators seeded by (seed, step, ...), so a resumed run repeats
+an uninterrupted one bit-for-bit, and a run on W ranks equals one on 1 rank whenever states_per_block divides
+S / W (minibatch m = the start states with global index % minibatches == m; DDP averages equal-sized shards);
+the update then differs only by float reduction order (the tests use rtol 1e-4).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..cli import print_config_help, split_args
+from ..config import ConfigError, load_config, save_config, to_dict
+from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, read_jsonl
+from . import distributed as du
+from .grpo import GRPOConfig, approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
+from .rewards import RewardConfig, verified_reward
+
+PHASES = ("encode", "sde", "wm_rollout", "decode", "reward", "update")
+RUNTIME_KEYS = {"out_dir", "stop_at", "log_every", "ckpt_every", "image_every", "resume", "progress", "device",
+                "grpo.steps"}  # may change between a run and its resume
+CKPT_FORMAT = "vla-rft-rft/1"
+
+
+@dataclass
+class RFTConfig:
+    out_dir: str = "runs/rft"
+    tokenizer: str = ""            # dir with tokenizer.pt (vla-rft pretrain-tokenizer)
+    world_model: str = ""          # HF LlamaForCausalLM dir (vla-rft pretrain-wm -> out_dir/world_model)
+    policy: str = ""               # SFT checkpoint (vla-rft sft -> out_dir/ckpt.pt)
+    demos: str = ""                # demos file (load_demos format)
+    segments: str = ""             # segments file: its action_ranges are the WM's discretizer
+    action_ranges: str = ""        # or an ActionDiscretizer json (default: WORLD_MODEL/action_ranges.json)
+    seed: int = 0
+    states_per_block: int = 1      # start states per RNG stream / WM call; must divide S / world_size
+    wm_temperature: float = 1.0    # release
+    wm_top_p: float = 0.8          # release
+    wm_top_k: int = 0              # release: off
+    wm_dtype: str = "auto"         # auto: bf16 on CUDA, fp32 on the CPU
+    wm_attn_backend: str = ""      # "" = the model's default
+    weight_decay: float = 0.0
+    stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
+    log_every: int = 1
+    ckpt_every: int = 50
+    image_every: int = 25          # PNG: reference rollout beside the best and worst sampled rollouts
+    resume: bool = True
+    progress: bool = True
+    device: str = "auto"
+    distributed: str = "ddp"       # ddp | fsdp2 (multi-process only)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def validate(self) -> None:
+        try:
+            self.grpo.validate()
+            self.reward.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.states_per_block < 1:
+            raise ConfigError(f"states_per_block must be >= 1, got {self.states_per_block}")
+        if self.wm_dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"wm_dtype must be auto/fp32/bf16/fp16, got {self.wm_dtype!r}")
+        if self.distributed not in du.WRAPS:
+            raise ConfigError(f"distributed must be one of {du.WRAPS}, got {self.distributed!r}")
+        if not 0 < self.wm_top_p <= 1 or self.wm_temperature < 0:
+            raise ConfigError("wm_top_p must be in (0, 1] and wm_temperature >= 0")
+
+
+def hashed_fields(cfg: RFTConfig) -> dict:
+    """The settings that shape the run (flattened); a resume must match them."""
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+    return {k: v for k, v in flat(to_dict(cfg)).items() if k not in RUNTIME_KEYS}
+
+
+def config_hash(cfg: RFTConfig) -> str:
+    return hashlib.sha256(json.dumps(hashed_fields(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class PolicyHeads(nn.Module):
+    """The trainable part (action head + Sigma Net) as one module, so DDP / FSDP2 wrap exactly it."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.flow_head, self.sigma_net = policy.flow_head, policy.sigma_net
+        self.__dict__["policy"] = policy  # not a submodule: the frozen encoder stays out of DDP/FSDP
+
+    def forward(self, chain, z, s, actions=None, tau=None, noise=None):
+        out = self.policy.log_prob(chain, z, s)
+        mse = None if actions is None else self.policy.flow_loss(z, s, actions, tau=tau, noise=noise, reduction="none")
+        return out["log_prob"], out["entropy"], mse
+
+
+class RFTRun:
+    """Models, optimizer and one RFT step; `step(i)` is the whole loop body (also used by bench/grpo_step.py)."""
+
+    def __init__(self, cfg: RFTConfig, d: du.Dist, policy, wm, tok, disc, pool, lpips_model=None):
+        self.cfg, self.d, self.policy, self.wm, self.tok, self.disc, self.pool = cfg, d, policy, wm, tok, disc, pool
+        self.lpips, self.layout = lpips_model, tok.layout
+        g = cfg.grpo
+        if g.task_instances % d.world or (g.task_instances // d.world) % cfg.states_per_block:
+            raise ConfigError(f"grpo.task_instances={g.task_instances} start states must split evenly over "
+                              f"{d.world} ranks into blocks of states_per_block={cfg.states_per_block}")
+        if (g.task_instances // d.world) % g.minibatches:
+            raise ConfigError(f"each rank's {g.task_instances // d.world} start states must split evenly into "
+                              f"grpo.minibatches={g.minibatches}")
+        if len(pool) < g.task_instances:
+            raise ConfigError(f"the demos give {len(pool)} start states, fewer than grpo.task_instances={g.task_instances}")
+        pc, lay = policy.cfg, self.layout
+        if not (pc.action_dim == disc.action_dim == lay.action_dim) or disc.num_bins != lay.num_action_bins:
+            raise ValueError(f"action dims disagree: policy {pc.action_dim}, discretizer {disc.action_dim} x "
+                             f"{disc.num_bins} bins, tokenizer layout {lay.action_dim} x {lay.num_action_bins}")
+        if wm.config.vocab_size != lay.vocab_size:
+            raise ValueError(f"world model vocab {wm.config.vocab_size} != tokenizer layout vocab {lay.vocab_size}: "
+                             "the WM was trained on another tokenizer")
+        policy.cfg.logprob_reduce = g.logprob_reduce
+        policy.encoder.requires_grad_(False)  # frozen in Stage II (VLM frozen)
+        policy.eval()  # no dropout: sampling and the update see the same networks
+        self.heads = du.wrap(PolicyHeads(policy), d, cfg.distributed)
+        base = du.unwrap(self.heads)
+        self.opt = torch.optim.AdamW(optimizer_param_groups(base.flow_head.parameters(), base.sigma_net.parameters(),
+                                                            g), weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: warmup_factor(i, g))
+        self.params = [p for grp in self.opt.param_groups for p in grp["params"]]
+        self.phase_mem: dict | None = None  # bench: set to {} to record CUDA peak bytes per phase
+
+    @contextmanager
+    def phase(self, name: str, timings: dict):
+        cuda = self.d.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        sync()
+        if cuda and self.phase_mem is not None:
+            torch.cuda.reset_peak_memory_stats(self.d.device)
+        t0 = time.perf_counter()
+        with nvtx_range(f"rft.{name}"):
+            yield
+        sync()
+        timings[name] += time.perf_counter() - t0
+        if cuda and self.phase_mem is not None:
+            self.phase_mem[name] = max(self.phase_mem.get(name, 0), torch.cuda.max_memory_allocated(self.d.device))
+
+    def start_states(self, step: int) -> torch.Tensor:
+        """Global start-state pool indices of a step: the same on every rank."""
+        g = du.generator(torch.device("cpu"), self.cfg.seed, step, 1 << 30)
+        return torch.randperm(len(self.pool), generator=g)[:self.cfg.grpo.task_instances]
+
+    @torch.no_grad()
+    def rollout_block(self, step: int, first: int, pool_idx: torch.Tensor, timings: dict) -> dict:
+        """Encode -> SDE -> WM -> decode -> reward for one block of start states (global indices first..)."""
+        cfg, dev, N, pol, lay = self.cfg, self.d.device, self.cfg.grpo.rollouts, self.policy, self.layout
+        gen = du.generator(dev, cfg.seed, step, first)
+        b = self.pool.get(pool_idx)
+        k = len(pool_idx)
+        with self.phase("encode", timings):
+            proprio = b["proprio"].to(dev)
+            z = pol.encode(b["policy_image"].to(dev), b["instruction"], proprio)
+            s = pol.normalize_proprio(proprio)
+            img = b["image"].to(dev)
+            ctx = self.tok.encode_context(img) if cfg.reward.design != "r1" else None
+            dyn0 = self.tok.encode_dynamics(img, img) if ctx is not None else None
+        with self.phase("sde", timings):
+            out = pol.sample_sde(z, s, N, generator=gen)
+        actions = pol.unnormalize_actions(out.actions)  # (k, N, C, A) raw
+        ref = b["ref_actions"].to(dev)
+        frames = None
+        if cfg.reward.design != "r1":
+            with self.phase("wm_rollout", timings):
+                bins = self.disc.encode(torch.cat([actions, ref[:, None]], 1))  # (k, N+1, C, A): reference last
+                prompt = torch.cat([lay.context_to_vocab(ctx), lay.dynamics_to_vocab(dyn0),
+                                    lay.bins_to_vocab(self.disc.encode(ref[:, 0]))], 1)
+                tokens = self.wm.rollout(prompt, lay.bins_to_vocab(bins[:, :, 1:]).flatten(0, 1),
+                                         tokens_per_frame=lay.dynamics_tokens, num_samples=N + 1,
+                                         temperature=cfg.wm_temperature, top_p=cfg.wm_top_p, top_k=cfg.wm_top_k,
+                                         generator=gen)
+            with self.phase("decode", timings):
+                frames = self.tok.decode(ctx.repeat_interleave(N + 1, 0), lay.vocab_to_dynamics(tokens))
+                frames = frames.float().view(k, N + 1, *frames.shape[1:])
+        with self.phase("reward", timings):
+            try:
+                kw = {"policy_actions": actions, "dataset_actions": ref[:, None]} if cfg.reward.design == "r1" else (
+                    {"policy_frames": frames[:, :N], "wm_reference_frames": frames[:, N:]} if cfg.reward.design == "r3"
+                    else {"policy_frames": frames[:, :N], "dataset_frames": b["next_frames"].to(dev)[:, None]})
+                R = verified_reward(cfg.reward, lpips_model=self.lpips, **kw)
+            except ValueError as e:
+                raise ValueError(f"step {step}, start states {pool_idx.tolist()}: {e}") from e
+            if not torch.isfinite(R).all():
+                raise FloatingPointError(f"step {step}: NaN/inf verified reward for start states {pool_idx.tolist()} "
+                                         f"(rewards {R.tolist()}); check the world model and tokenizer outputs")
+        E, (C, A) = cfg.grpo.ppo_epochs, pol.chunk_shape
+        from ..models.policy import sample_beta  # flow-MSE draws, one per (start state, epoch)
+        tau = sample_beta(1.0, 1.5, k * E, gen, dev).view(k, E)
+        noise = torch.randn(k, E, C, A, generator=gen, device=dev)
+        return {"z": z, "s": s, "chain": out.chain, "R": R.float(), "sigma": out.sigmas.mean((1, 2, 3, 4)),
+                "ref_norm": pol.normalize_actions(ref).clamp(-1, 1), "tau": tau, "noise": noise,
+                "frames": frames, "start": img}
+
+    def update(self, roll: dict, adv: torch.Tensor, first: int) -> dict:
+        """GRPO epochs x minibatches over this rank's start states (global index first..)."""
+        g, d = self.cfg.grpo, self.d
+        L = adv.shape[0]
+        with torch.no_grad():  # old log-probs by the update's own code path: r = 1 before the first step
+            old = du.unwrap(self.heads)(roll["chain"], roll["z"], roll["s"])[0]
+        sums: dict = defaultdict(float)
+        n = 0
+        for e in range(g.ppo_epochs):
+            for m in range(g.minibatches):
+                sel = torch.tensor([i for i in range(L) if (first + i) % g.minibatches == m], device=adv.device)
+                lp, ent, mse = self.heads(roll["chain"][sel], roll["z"][sel], roll["s"][sel], roll["ref_norm"][sel],
+                                          roll["tau"][sel, e], roll["noise"][sel, e])
+                kl = du.scalar_mean(d, approx_kl(lp.detach(), old[sel])) if g.mse_kl_gate else None
+                loss, met = grpo_loss(lp, old[sel], adv[sel], entropy=ent, mse=mse, cfg=g, kl=kl)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(self.params, g.grad_clip)
+                if not torch.isfinite(torch.as_tensor(gn)):
+                    raise FloatingPointError(f"non-finite gradient norm {float(gn)} in the GRPO update")
+                self.opt.step()
+                for key in ("loss", "pg_loss", "ratio_mean", "clip_frac", "approx_kl_k3", "entropy", "mse",
+                            "mse_weight"):
+                    sums[key] += met[key]
+                sums["grad_norm"] += float(gn)
+                n += 1
+        self.sched.step()
+        return {f"update/{k}": v / n for k, v in sums.items()}
+
+    def step(self, step: int) -> tuple[dict, dict | None]:
+        """One RFT step. -> (metrics reduced over ranks, viz data on rank 0 or None)."""
+        cfg, d, S, k = self.cfg, self.d, self.cfg.grpo.task_instances, self.cfg.states_per_block
+        L = S // d.world
+        first = d.rank * L
+        idx = self.start_states(step)
+        timings: dict = defaultdict(float)
+        t0 = time.perf_counter()
+        blocks = [self.rollout_block(step, f, idx[f:f + k], timings) for f in range(first, first + L, k)]
+        roll = {key: (torch.cat([b[key] for b in blocks]) if blocks[0][key] is not None else None)
+                for key in blocks[0]}
+        adv = group_advantage(roll["R"], cfg.grpo.normalize_adv_std, cfg.grpo.adv_eps)  # (L, N), per group
+        with self.phase("update", timings):
+            up = self.update(roll, adv, first)
+        R_all = du.all_gather_rows(d, roll["R"])  # (S, N) in global start-state order
+        A_all = du.all_gather_rows(d, adv)
+        metrics = {"reward/mean": R_all.mean().item(), "reward/std": R_all.std().item(),
+                   "reward/max": R_all.max().item(), "reward/min": R_all.min().item(),
+                   "reward/group_std": R_all.std(-1).mean().item(), "adv/abs_mean": A_all.abs().mean().item(),
+                   "adv/std": A_all.std().item(),
+                   "lr/action_head": self.opt.param_groups[0]["lr"], "lr/sigma": self.opt.param_groups[1]["lr"]}
+        metrics.update(du.all_mean(d, {**up, "sigma/mean": roll["sigma"].mean().item()}))
+        timings["step"] = time.perf_counter() - t0
+        metrics.update(du.all_max(d, {f"time/{p}": timings[p] for p in (*PHASES, "step")}))
+        viz = None
+        if d.is_main and roll["frames"] is not None:
+            viz = {"frames": roll["frames"][0].cpu(), "R": roll["R"][0].cpu(), "start": roll["start"][0].cpu()}
+        return metrics, viz
+
+    def save(self, path: Path, step: int, history: list) -> None:
+        model_sd, opt_sd = du.full_state(self.policy, self.opt, du.unwrap(self.heads), self.cfg.distributed, self.d)
+        if self.d.is_main:
+            atomic_save({"format": CKPT_FORMAT, "model": model_sd, "optimizer": opt_sd,
+                         "scheduler": self.sched.state_dict(), "step": step, "config": to_dict(self.cfg),
+                         "config_hash": config_hash(self.cfg), "policy_config": to_dict(self.policy.cfg),
+                         "norm_stats": self.policy.norm_stats(), "metrics": history,
+                         "rng": {"cpu": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}, path)
+        du.barrier(self.d)
+
+    def load(self, path: Path) -> tuple[int, list]:
+        ck = load_checkpoint(path, "RFT checkpoint", map_location="cpu")
+        if ck.get("format") != CKPT_FORMAT:
+            raise ValueError(f"{path} is not an RFT checkpoint (format={ck.get('format')!r})")
+        if ck.get("config_hash") != config_hash(self.cfg):
+            old, new = hashed_fields(_cfg_from(ck["config"])), hashed_fields(self.cfg)
+            diff = [f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+            raise ConfigError(f"{path} was written by a run with a different config ({'; '.join(diff) or 'hash'}); "
+                              "use a new out_dir, resume=false, or the checkpoint's settings")
+        du.load_full_state(self.policy, self.opt, du.unwrap(self.heads), self.cfg.distributed, self.d,
+                           ck["model"], ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        return int(ck["step"]), list(ck["metrics"])
+
+
+def _cfg_from(d: dict) -> RFTConfig:
+    from ..config import from_dict
+    return from_dict(RFTConfig, d)
+
+
+def build(cfg: RFTConfig, d: du.Dist) -> RFTRun:
+    """Load every Stage I artefact (clear errors naming the missing file and the command that makes it)."""
+    from .rft_data import StartStates, load_discretizer, load_sft_policy, load_tokenizer, load_world_model, require
+    dev = d.device
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        cfg.wm_dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    tok = load_tokenizer(cfg.tokenizer, dev)
+    wm = load_world_model(cfg.world_model, dev, dtype, cfg.wm_attn_backend or None)
+    disc = load_discretizer(cfg.world_model, cfg.segments, cfg.action_ranges)
+    policy = load_sft_policy(cfg.policy, dev)
+    from ..data.demos import load_demos
+    pool = StartStates(load_demos(require(cfg.demos, "demos")), policy.cfg.chunk_len, tok.cfg.image_size)
+    lp = None
+    if cfg.reward.design != "r1" and cfg.reward.lambda_lp > 0:
+        from .rewards import _resolve_lpips  # fail at start-up, not at step 1, when LPIPS weights are missing
+        lp = _resolve_lpips(cfg.reward, dev)
+    return RFTRun(cfg, d, policy, wm, tok, disc, pool, lp)
+
+
+def train(cfg: RFTConfig, run: RFTRun | None = None) -> dict:
+    d = du.init(cfg.device) if run is None else run.d
+    try:
+        run = run or build(cfg, d)
+        out = Path(cfg.out_dir)
+        ckpt, step, history = out / "ckpt.pt", 0, []
+        if cfg.resume and ckpt.is_file():
+            step, history = run.load(ckpt)
+        if d.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+            if step > 0 and (out / "metrics.jsonl").is_file():  # drop lines logged after the checkpoint
+                keep = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= step]
+                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+        logger = RunLogger(out, resume=step > 0) if d.is_main else None
+        end = min(cfg.grpo.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.grpo.steps
+        bar = None
+        if cfg.progress and d.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.grpo.steps, initial=step, desc="rft", dynamic_ncols=True)
+        while step < end:
+            metrics, viz = run.step(step)
+            step += 1
+            history.append({"step": step, **metrics})
+            if logger and (step % cfg.log_every == 0 or step == end):
+                logger.log(step, metrics)
+            if viz is not None and cfg.image_every > 0 and step % cfg.image_every == 0:
+                save_rollout_png(viz, out / "rollouts" / f"step_{step:05d}.png")
+            if step % cfg.ckpt_every == 0 or step == end:
+                run.save(ckpt, step, history)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(R=f"{metrics['reward/mean']:.4f}", kl=f"{metrics['update/approx_kl_k3']:.2e}")
+        if bar is not None:
+            bar.close()
+        if logger:
+            logger.close()
+            if history:
+                from ..viz import save_curve
+                save_curve([h["step"] for h in history], {"reward/mean": [h["reward/mean"] for h in history]},
+                           out / "reward_curve.png", title="RFT mean verified reward")
+        return {"step": step, "history": history}
+    finally:
+        du.shutdown(d)
+
+
+def save_rollout_png(viz: dict, path: Path) -> None:
+    """Rows: the reference rollout (dataset actions), the best and the worst sampled rollout; o_t first."""
+    from ..viz import save_frame_grid
+    f, R, start = viz["frames"], viz["R"], viz["start"][None]
+    best, worst = int(R.argmax()), int(R.argmin())
+    save_frame_grid([torch.cat([start, f[-1]]), torch.cat([start, f[best]]), torch.cat([start, f[worst]])], path,
+                    labels=["reference", f"best {R[best]:.3f}", f"worst {R[worst]:.3f}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    yaml_path, overrides, want_help = split_args(list(argv or []))
+    if want_help:
+        print_config_help("rft", RFTConfig())
+        return 0
+    cfg = load_config(RFTConfig, yaml_path, overrides)
+    try:
+        res = train(cfg)
+    except FileNotFoundError as e:  # a missing stage checkpoint: one clear line from the CLI, exit 2
+        raise ConfigError(str(e)) from None
+    if res["history"] and int(os.environ.get("RANK", "0")) == 0:
+        last = res["history"][-1]
+        print(json.dumps({"step": res["step"], **{k: round(v, 6) for k, v in last.items() if k != "step"}}))
+    return 0
+
+
+__all__ = ["RFTConfig", "RFTRun", "PolicyHeads", "build", "train", "main", "config_hash", "save_rollout_png"]

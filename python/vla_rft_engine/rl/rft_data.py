@@ -1,0 +1,119 @@
+"""Stage II inputs: the Stage I checkpoints (tokenizer, world model, action ranges, SFT policy) and the
+start-state pool drawn from the demos.
+
+A start state is (episode e, step t) with t before the episode was solved: the frame o_t, the instruction,
+the proprio s_t, the dataset chunk a_{t:t+C} (the reference actions, padded with the episode's last action
+past its end) and the dataset frames o_{t+1..t+C} (R2's target, padded with the last frame).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# what writes each stage's file (named in the errors when one is missing)
+MAKES = {
+    "tokenizer": "vla-rft pretrain-tokenizer out_dir=DIR (writes DIR/tokenizer.pt)",
+    "world_model": "vla-rft pretrain-wm segments=FILE out_dir=DIR (writes DIR/world_model/config.json + weights)",
+    "policy": "vla-rft sft out_dir=DIR (writes DIR/ckpt.pt)",
+    "demos": "vla-rft sft data=builtin out_dir=DIR (caches DIR/demos.pt) or data.demos.save_demos(collect_demos(...))",
+    "action_ranges": ("data.segments.build_segments (the segments file holds action_ranges; pass segments=FILE) "
+                      "or ActionDiscretizer.save(WM_DIR/action_ranges.json)"),
+}
+
+
+def require(path: str, what: str, kind: str = "file") -> Path:
+    p = Path(path) if path else None
+    ok = p is not None and (p.is_dir() if kind == "dir" else p.exists())
+    if not ok:
+        raise FileNotFoundError(f"RFT needs the {what} checkpoint but {path or '(unset)'} does not exist; "
+                                f"make it with: {MAKES[what]}")
+    return p
+
+
+def load_tokenizer(path: str, device):
+    from ..models.tokenizer import VisualTokenizer
+    return VisualTokenizer.load(require(path, "tokenizer"), map_location="cpu").to(device).eval()
+
+
+def load_world_model(path: str, device, dtype: torch.dtype, attn_backend: str | None = None):
+    from ..models.world_model import WorldModel
+    p = require(path, "world_model", "dir")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}/config.json not found: world_model= must be the HF directory that "
+                                f"{MAKES['world_model']}")
+    kw = {"attn_backend": attn_backend} if attn_backend else {}
+    wm = WorldModel.from_pretrained(p, dtype=dtype, device=device, **kw)
+    for q in wm.parameters():  # frozen in Stage II
+        q.requires_grad_(False)
+    return wm.eval()
+
+
+def load_discretizer(world_model: str, segments: str, action_ranges: str):
+    """The ActionDiscretizer the WM was trained with: explicit json, WM_DIR/action_ranges.json, or the segments file."""
+    from ..layout import ActionDiscretizer
+    from ..utils import load_checkpoint
+    for cand in ([action_ranges] if action_ranges else []) + ([str(Path(world_model) / "action_ranges.json")]
+                                                             if world_model else []):
+        if Path(cand).is_file():
+            return ActionDiscretizer.load(cand)
+        if cand == action_ranges:
+            raise FileNotFoundError(f"action_ranges={cand} does not exist")
+    if segments:
+        seg = load_checkpoint(require(segments, "action_ranges"), "tokenized segments file")
+        if "action_ranges" not in seg:
+            raise ValueError(f"{segments} has no action_ranges; rebuild it with data.segments.build_segments")
+        r = seg["action_ranges"]
+        return ActionDiscretizer(r["low"], r["high"], r.get("num_bins", 256))
+    raise FileNotFoundError("RFT needs the world model's action ranges (the discretizer its action tokens were "
+                            f"made with): set action_ranges=FILE.json or segments=FILE; made by {MAKES['action_ranges']}")
+
+
+def load_sft_policy(path: str, device):
+    from ..train.sft import load_policy
+    return load_policy(require(path, "policy"), device)
+
+
+class StartStates:
+    """The pool of start states of a demos dict (load_demos / collect_demos format)."""
+
+    def __init__(self, demos: dict, chunk_len: int, image_size: int):
+        for k in ("frames", "actions", "proprio", "instructions"):
+            if k not in demos:
+                raise ValueError(f"demos lack '{k}' (expected the collect_demos / load_demos format)")
+        self.frames = torch.as_tensor(np.asarray(demos["frames"]))  # (E, T+1, H, W, 3) uint8
+        acts = torch.as_tensor(np.asarray(demos["actions"], dtype=np.float32))  # (E, T, A)
+        self.proprio = torch.as_tensor(np.asarray(demos["proprio"], dtype=np.float32))
+        self.instructions = list(demos["instructions"])
+        E, T, A = acts.shape
+        if not torch.isfinite(acts).all() or not torch.isfinite(self.proprio).all():
+            raise ValueError("demos hold NaN/Inf actions or proprio")
+        C = chunk_len
+        self.chunks = torch.cat([acts, acts[:, -1:].expand(E, C - 1, A)], 1).unfold(1, C, 1).permute(0, 1, 3, 2)
+        lengths = np.asarray(demos.get("lengths", np.full(E, T)))
+        # before success only: after it the expert idles and every action is a no-op
+        self.index = torch.tensor([(e, t) for e in range(E) for t in range(max(1, min(T, int(lengths[e]))))])
+        self.C, self.image_size, self.T = C, image_size, T
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _frames(self, e: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = self.frames[e, t].permute(0, 3, 1, 2).float() / 255.0  # (b, 3, H, W)
+        if x.shape[-1] != self.image_size:  # demos at another size than the tokenizer
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x.clamp(0, 1)
+
+    def get(self, idx: torch.Tensor) -> dict:
+        """Start states by pool index: policy_image (b, H, W, 3) uint8 as the demos hold it, image (b, 3, S, S)
+        in [0, 1] at the tokenizer's size, instruction list, proprio (b, P), ref_actions (b, C, A) raw,
+        next_frames (b, C, 3, S, S) (o_{t+1..t+C}, R2's target)."""
+        e, t = self.index[idx].unbind(1)
+        nxt = (t[:, None] + torch.arange(1, self.C + 1)).clamp(max=self.T)
+        b = len(idx)
+        return {"policy_image": self.frames[e, t], "image": self._frames(e, t), "instruction": [self.instructions[i] for i in e.tolist()],
+                "proprio": self.proprio[e, t], "ref_actions": self.chunks[e, t],
+                "next_frames": self._frames(e[:, None].expand_as(nxt).flatten(), nxt.flatten()).view(
+                    b, self.C, 3, self.image_size, self.image_size)}

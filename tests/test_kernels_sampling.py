@@ -1,0 +1,71 @@
+"""Fused temperature/top-k/top-p sampling (kernels/sampling.py) vs the sort-based reference, same Gumbel
+noise: tokens must be identical, log-probs within 1e-5 (fp32 logits) / 1e-4 (bf16 logits)."""
+import pytest
+import torch
+
+from vla_rft_engine.kernels.sampling import gumbel_noise, sample, sample_reference
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-4)])
+@pytest.mark.parametrize("V", [37, 300, 4375])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 20, 1.0), (1.0, 0, 0.8),
+                                                     (1.3, 50, 0.6), (1.0, 1, 1.0)])
+def test_sampling_matches_reference(V, temperature, top_k, top_p, dtype, tol):
+    logits = (torch.randn(4, V) * 3).to(dtype)
+    noise = gumbel_noise((4, V), generator=torch.Generator().manual_seed(V))
+    tok, lp = sample(logits, noise, temperature, top_k, top_p)
+    rtok, rlp = sample_reference(logits, noise, temperature, top_k, top_p)
+    assert torch.equal(tok, rtok)
+    torch.testing.assert_close(lp, rlp, atol=tol, rtol=tol)
+
+
+def test_sampling_column_slice_restricts_vocab():
+    logits = torch.randn(3, 100)
+    logits[:, 60:] += 100.0  # huge logits outside the allowed range must never be picked
+    tok, _ = sample(logits[:, :60], gumbel_noise((3, 60)), 1.0, 0, 0.9)
+    assert int(tok.max()) < 60
+    tok, _ = sample(logits[:, :60], None, 0.0)
+    assert torch.equal(tok, logits[:, :60].argmax(-1))
+
+
+def test_top_p_keeps_smallest_set():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = set()
+    for s in range(64):
+        tok, _ = sample(logits, gumbel_noise((1, 4), generator=torch.Generator().manual_seed(s)), 1.0, 0, 0.75)
+        seen.add(int(tok))
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.75; 0.15 and 0.05 are cut
+
+
+@pytest.mark.parametrize("V", [37, 4375])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.8), (1.3, 50, 0.6), (0.7, 0, 0.95), (1.0, 0, 1.0),
+                                                     (0.0, 0, 0.8)])
+def test_cpu_sampler_equals_reference(V, scale, temperature, top_k, top_p):
+    from vla_rft_engine.kernels.sampling import sample_cpu
+    g = torch.Generator().manual_seed(V + int(scale * 10))
+    logits = torch.randn(6, V, generator=g) * scale
+    noise = gumbel_noise((6, V), generator=g)
+    tok, lp = sample_cpu(logits, noise, temperature, top_k, top_p)
+    rtok, rlp = sample_reference(logits, noise, temperature, top_k, top_p)
+    assert torch.equal(tok, rtok) and torch.equal(lp, rlp)
+    assert sample_cpu(logits, noise, temperature, top_k, top_p, logprob=False)[1] is None
+
+
+def test_cpu_sampler_ties_and_fallback():
+    """Ties straddling the top-p cut take the reference path, so the result stays the reference's."""
+    from vla_rft_engine.kernels.sampling import sample_cpu
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0], [0.0] * 5, [3.0, 3.0, 1.0, -1.0, -1.0]]).repeat(4, 1)
+    for s in range(16):
+        noise = gumbel_noise(logits.shape, generator=torch.Generator().manual_seed(s))
+        for tp in (0.5, 0.6, 0.8, 0.99):
+            assert torch.equal(sample_cpu(logits, noise, 1.0, 0, tp)[0], sample_reference(logits, noise, 1.0, 0, tp)[0])
+
+
+def test_gumbel_noise_out_buffer_same_stream():
+    buf = torch.empty(3, 50)
+    a = gumbel_noise((3, 50), generator=torch.Generator().manual_seed(4))
+    b = gumbel_noise((3, 50), generator=torch.Generator().manual_seed(4), out=buf)
+    assert b.data_ptr() == buf.data_ptr() and torch.equal(a, b)
+    u = torch.rand((3, 50), generator=torch.Generator().manual_seed(4)).clamp(1e-10, 1.0 - 1e-7)
+    assert torch.equal(a, -torch.log(-torch.log(u)))
