@@ -169,3 +169,44 @@ def test_hf_adapter_lora(tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in enc.named_parameters() if "lora_A" in n
                or "lora_B" in n)
     assert math.isfinite(float(z.detach().sum()))
+
+
+def test_spatial_softmax_world_frame_matches_renderer():
+    """Keypoints come out in the table's world frame (x right, y UP, as the renderer and the proprio use):
+    the old readout used linspace(-1, 1) over rows, i.e. y pointing DOWN the image, the opposite of world y."""
+    from vla_rft_engine.envs.render import Canvas
+    from vla_rft_engine.models.encoders import pixel_grid, spatial_softmax
+    cv = Canvas(16)
+    xs, ys = pixel_grid(16, 16)
+    torch.testing.assert_close(xs, torch.as_tensor(cv.xs))
+    torch.testing.assert_close(ys, torch.as_tensor(cv.ys))
+    h = torch.full((1, 1, 16, 16), -1e4)
+    h[0, 0, 2, 13] = 0.0  # row 2 (near the top = far side of the table, y > 0), column 13 (x > 0)
+    xy = spatial_softmax(h)
+    torch.testing.assert_close(xy[0], torch.tensor([cv.xs[13], cv.ys[2]]))
+    assert xy[0, 1] > 0
+
+
+def test_small_encoder_v2_finds_named_colour():
+    """The v2 encoder's instruction queries can point at the named object: with the colour query set by hand,
+    the text keypoint lands on the pixel of that colour (world coordinates)."""
+    enc = SmallEncoder(P, z_dim=16, channels=8, version=2, keypoints=2, text_queries=1)
+    img = torch.zeros(1, 3, 16, 16)
+    img[0, 0, 12, 3] = 1.0  # a red pixel: lower left of the table
+    with torch.no_grad():
+        enc.pix[0].weight.zero_(); enc.pix[0].bias.zero_(); enc.pix[0].weight[0, 0] = 1.0
+        enc.pix[2].weight.zero_(); enc.pix[2].bias.zero_(); enc.pix[2].weight[0, 0] = 1.0
+        enc.query.weight.zero_(); enc.query.bias.zero_(); enc.query.bias[0] = 1.0
+        enc.kp_log_temp.fill_(4.0)
+    kp = enc.keypoints(img, ["move to the red block"])  # (1, 2 * (2 + 1)): x of 3 points, then y of 3 points
+    x, y = kp[0, 2].item(), kp[0, 5].item()
+    assert x == pytest.approx(-1 + 3.5 / 8, abs=0.02) and y == pytest.approx(1 - 12.5 / 8, abs=0.02)
+    assert enc(img, ["move to the red block"], torch.zeros(1, P)).shape == (1, 16)
+
+
+def test_legacy_encoder_v1_still_builds():
+    pol = VLAPolicy(small_cfg(enc_version=1))
+    img, instr, prop = obs(2)
+    assert pol.encode(img, instr, prop).shape == (2, 32)
+    with pytest.raises(ValueError, match="enc_version"):
+        small_cfg(enc_version=3).validate()

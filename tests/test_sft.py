@@ -82,3 +82,13 @@ def test_builtin_demos_tiny(tmp_path):
     demos.save_demos(d, tmp_path / "demos.pt")
     res = sft.train(cfg(tmp_path / "run", f"data={tmp_path / 'demos.pt'}", "steps=2", "val_fraction=0.5"))
     assert res["episodes"] == 2 and json.dumps(res)
+
+
+def test_load_policy_reads_pre_enc_version_checkpoints(tmp_path):
+    """Checkpoints written before PolicyConfig.enc_version existed hold the version-1 small encoder."""
+    sft.train(cfg(tmp_path, "steps=1", "policy.enc_version=1"))
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    del ck["policy_config"]["enc_version"]
+    torch.save(ck, tmp_path / "old.pt")
+    pol = sft.load_policy(tmp_path / "old.pt")
+    assert pol.cfg.enc_version == 1 and pol.encoder.version == 1

@@ -54,13 +54,32 @@ def hash_tokens(instructions: list[str], num_buckets: int) -> torch.Tensor:
     return torch.tensor([t + [-1] * (L - len(t)) for t in toks], dtype=torch.long)
 
 
-def spatial_softmax(h: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 2C): per channel, the softmax-weighted mean x and y in [-1, 1]."""
+def pixel_grid(H: int, W: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """World coordinates of the pixel centres of an (H, W) image of the table (render.py's frame):
+    x right, y UP, both in [-1, 1]; column j -> x = -1 + (j + 0.5) * 2 / W, row i -> y = 1 - (i + 0.5) * 2 / H
+    (row 0 is the far edge of the table, y = +1). Returns xs (W,), ys (H,)."""
+    xs = -1.0 + (torch.arange(W, device=device, dtype=torch.float32) + 0.5) * (2.0 / W)
+    ys = 1.0 - (torch.arange(H, device=device, dtype=torch.float32) + 0.5) * (2.0 / H)
+    return xs, ys
+
+
+def spatial_softmax(h: torch.Tensor, world: bool = True) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 2C): per channel, the softmax-weighted mean x (first C) and y (last C).
+
+    world=True: in the table's world frame (pixel_grid: y up, so a keypoint and the proprio's gripper
+    x, y are directly comparable). world=False: the legacy frame of version-1 encoders (linspace(-1, 1)
+    over rows, i.e. y DOWN), kept so their checkpoints behave as trained."""
     B, C, H, W = h.shape
     p = torch.softmax(h.flatten(2), -1).view(B, C, H, W)
-    xs = torch.linspace(-1, 1, W, device=h.device)
-    ys = torch.linspace(-1, 1, H, device=h.device)
+    if world:
+        xs, ys = pixel_grid(H, W, h.device)
+    else:
+        xs, ys = torch.linspace(-1, 1, W, device=h.device), torch.linspace(-1, 1, H, device=h.device)
     return torch.cat([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], -1)
+
+
+def _gn(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, c), c)
 
 
 class SmallEncoder(nn.Module):
@@ -69,27 +88,54 @@ class SmallEncoder(nn.Module):
     What the table-top tasks need: x/y coordinate channels (CoordConv) and a spatial-softmax readout so
     object positions come out as numbers, and the instruction FiLM-modulates the conv features so they
     can single out the named object (colour) before the readout.
+
+    version 2 (default): conv stem at full resolution (a 64 px frame shows a block as ~5 px, the reach
+    tolerance is ~2 px), FiLM at 1/2 resolution, then `keypoints` 1x1-conv heat maps read out by a
+    spatial softmax with a learned temperature (sharp from the start: a plain softmax over unit-scale
+    features is nearly uniform, so its expected x, y barely move with the object), in world
+    coordinates (y up, like the proprio). The keypoints (2K numbers in world units) go into z through
+    their own projection; a small global-average-pooled feature summary goes next to them (no
+    position-specific grid, which mostly memorises layouts).
+    version 1: the original network (kept so old checkpoints load).
     """
 
     def __init__(self, proprio_dim: int, z_dim: int = 128, channels: int = 32, vocab_buckets: int = 1024,
-                 text_dim: int = 64):
+                 text_dim: int = 64, version: int = 2, keypoints: int = 16, text_queries: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.z_dim, self.proprio_dim, self.vocab_buckets = z_dim, proprio_dim, vocab_buckets
+        if version not in (1, 2):
+            raise ValueError(f"SmallEncoder version must be 1 or 2, got {version}")
+        self.z_dim, self.proprio_dim, self.vocab_buckets, self.version = z_dim, proprio_dim, vocab_buckets, version
         c = channels
-        self.conv1 = nn.Sequential(nn.Conv2d(3 + 2, c, 5, stride=2, padding=2), nn.GroupNorm(8, c), nn.SiLU(),
-                                   nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * c))
-        self.film = nn.Linear(text_dim, 4 * c)
-        nn.init.zeros_(self.film.weight)  # starts as plain conv features
-        nn.init.zeros_(self.film.bias)
-        self.conv2 = nn.Sequential(nn.SiLU(), nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU())
-        # readout: spatial-softmax keypoints (expected x, y per channel: positions that generalise across
-        # layouts) plus a coarse 4x4 grid of the features
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())
-        self.img_proj = nn.Linear(2 * c * 16 + 4 * c, z_dim)
         self.word_emb = nn.Embedding(vocab_buckets, text_dim)
         self.txt_proj = nn.Linear(text_dim, z_dim)
         self.prop_mlp = nn.Sequential(nn.Linear(proprio_dim, z_dim), nn.SiLU(), nn.Linear(z_dim, z_dim))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(3 * z_dim, z_dim), nn.LayerNorm(z_dim))
+        if version == 1:
+            self.conv1 = nn.Sequential(nn.Conv2d(3 + 2, c, 5, stride=2, padding=2), nn.GroupNorm(8, c), nn.SiLU(),
+                                       nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * c))
+            self.film = nn.Linear(text_dim, 4 * c)
+            self.conv2 = nn.Sequential(nn.SiLU(), nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.GroupNorm(8, 2 * c),
+                                       nn.SiLU())
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())
+            self.img_proj = nn.Linear(2 * c * 16 + 4 * c, z_dim)
+        else:
+            self.conv1 = nn.Sequential(nn.Conv2d(3 + 2, c, 5, stride=2, padding=2), _gn(c), nn.SiLU(),
+                                       nn.Conv2d(c, c, 3, padding=1), _gn(c))
+            self.film = nn.Linear(text_dim, 2 * c)
+            self.conv2 = nn.Sequential(nn.SiLU(), nn.Conv2d(c + 2, c, 3, padding=1), _gn(c), nn.SiLU())
+            self.kp = nn.Conv2d(c, keypoints, 1)
+            # per-pixel colour features at full resolution (no norm, no coordinates): what the instruction's
+            # queries attend over -- "the red block" is found by colour, pixel by pixel
+            self.pix = nn.Sequential(nn.Conv2d(3, c, 1), nn.SiLU(), nn.Conv2d(c, c, 1))
+            self.query = nn.Linear(text_dim, text_queries * c)
+            self.text_queries = text_queries
+            nq = keypoints + text_queries
+            self.kp_log_temp = nn.Parameter(torch.full((nq,), math.log(2.0)))  # logit scale, learned
+            self.kp_proj = nn.Sequential(nn.Linear(2 * nq, z_dim), nn.SiLU(), nn.Linear(z_dim, z_dim))
+            self.img_proj = nn.Linear(c, z_dim)
+            self.out = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Linear(4 * z_dim, z_dim), nn.LayerNorm(z_dim))
+        nn.init.zeros_(self.film.weight)  # starts as plain conv features
+        nn.init.zeros_(self.film.bias)
 
     def encode_text(self, instruction, device) -> torch.Tensor:
         """-> pooled word embedding (B, text_dim)."""
@@ -99,22 +145,53 @@ class SmallEncoder(nn.Module):
         e = self.word_emb(ids.clamp_min(0) % self.vocab_buckets) * mask[..., None]
         return e.sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
 
+    @staticmethod
+    def coords(B: int, H: int, W: int, device, world: bool = True) -> torch.Tensor:
+        """(B, 2, H, W) CoordConv channels: x, y of each pixel (world frame unless world=False)."""
+        if world:
+            xs, ys = pixel_grid(H, W, device)
+        else:
+            xs, ys = torch.linspace(-1, 1, W, device=device), torch.linspace(-1, 1, H, device=device)
+        return torch.stack([xs.view(1, W).expand(H, W), ys.view(H, 1).expand(H, W)])[None].expand(B, 2, H, W)
+
+    def keypoints(self, image, instruction) -> torch.Tensor:
+        """version 2: (B, 2K) keypoint x (first K) and y (last K) in world units."""
+        x = image_to_float(image).to(self.txt_proj.weight.device)
+        return self._features(x, self.encode_text(instruction, x.device))[0]
+
+    def _features(self, x, t):
+        B, _, H, W = x.shape
+        x = x * 2.0 - 1.0
+        c = self.kp.in_channels
+        q = self.query(t).view(B, self.text_queries, c)  # instruction -> what to look for (the named object)
+        txt_logits = torch.einsum("bkc,bchw->bkhw", q, self.pix(x)) / math.sqrt(c)
+        h = self.conv1(torch.cat([x, self.coords(B, H, W, x.device)], 1))
+        scale, shift = self.film(t)[:, :, None, None].chunk(2, 1)
+        h = h * (1 + scale) + shift
+        h = self.conv2(torch.cat([h, self.coords(B, h.shape[2], h.shape[3], x.device)], 1))
+        nk = self.kp.out_channels
+        temp = self.kp_log_temp.exp()
+        kp = spatial_softmax(self.kp(h) * temp[None, :nk, None, None])              # (B, 2K) image keypoints
+        tq = spatial_softmax(txt_logits * temp[None, nk:, None, None])              # (B, 2Q) named-object points
+        return torch.cat([kp[:, :nk], tq[:, :self.text_queries], kp[:, nk:], tq[:, self.text_queries:]], 1), h.mean((2, 3))
+
     def forward(self, image, instruction, proprio) -> torch.Tensor:
-        x = image_to_float(image).to(self.img_proj.weight.device)
+        x = image_to_float(image).to(self.txt_proj.weight.device)
         B, _, H, W = x.shape
         if len(instruction) != B or proprio.shape != (B, self.proprio_dim):
             raise ValueError(f"encoder batch mismatch: image B={B}, {len(instruction)} instructions, "
                              f"proprio {tuple(proprio.shape)} (expected ({B}, {self.proprio_dim}))")
         check_finite("proprio", proprio)
         t = self.encode_text(instruction, x.device)
-        ys = torch.linspace(-1, 1, H, device=x.device).view(1, 1, H, 1).expand(B, 1, H, W)
-        xs = torch.linspace(-1, 1, W, device=x.device).view(1, 1, 1, W).expand(B, 1, H, W)
-        h = self.conv1(torch.cat([x * 2.0 - 1.0, xs, ys], 1))
-        scale, shift = self.film(t)[:, :, None, None].chunk(2, 1)
-        h = self.conv2(h * (1 + scale) + shift)
-        h = torch.cat([self.img_proj(torch.cat([self.pool(h), spatial_softmax(h)], -1)), self.txt_proj(t),
-                       self.prop_mlp(proprio.float().to(x.device))], -1)
-        return self.out(h)
+        p = self.prop_mlp(proprio.float().to(x.device))
+        if self.version == 1:
+            h = self.conv1(torch.cat([x * 2.0 - 1.0, self.coords(B, H, W, x.device, world=False)], 1))
+            scale, shift = self.film(t)[:, :, None, None].chunk(2, 1)
+            h = self.conv2(h * (1 + scale) + shift)
+            img = self.img_proj(torch.cat([self.pool(h), spatial_softmax(h, world=False)], -1))
+            return self.out(torch.cat([img, self.txt_proj(t), p], -1))
+        kp, pooled = self._features(x, t)
+        return self.out(torch.cat([self.kp_proj(kp), self.img_proj(pooled), self.txt_proj(t), p], -1))
 
 
 class LoRALinear(nn.Module):

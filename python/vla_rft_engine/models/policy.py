@@ -35,6 +35,10 @@ class PolicyConfig:
     lora_rank: int = 0            # > 0: LoRA adapters on the HF text attention during SFT
     z_dim: int = 128              # small encoder only (HF: the model's hidden size)
     enc_channels: int = 32
+    enc_version: int = 1          # small encoder: 1 = original; 2 = keypoint/text-query readout in world coords (experimental)
+    enc_keypoints: int = 16       # small encoder v2: image keypoints (spatial-softmax heat maps)
+    enc_text_queries: int = 4     # small encoder v2: instruction-conditioned attention read-outs
+    enc_dropout: float = 0.0      # small encoder v2: dropout before z's output projection
     d_model: int = 128
     depth: int = 3
     heads: int = 4
@@ -54,6 +58,8 @@ class PolicyConfig:
         if not self.sigma_min < self.sigma_init < self.sigma_max:
             raise ValueError(f"policy sigma_init={self.sigma_init} must lie inside (sigma_min, sigma_max) = "
                              f"({self.sigma_min}, {self.sigma_max})")
+        if self.enc_version not in (1, 2):
+            raise ValueError(f"policy enc_version must be 1 or 2, got {self.enc_version}")
         if self.encoder not in ("small", "hf"):
             raise ValueError(f"policy encoder must be 'small' or 'hf', got {self.encoder!r}")
         if self.encoder == "hf" and not self.hf_path:
@@ -74,7 +80,9 @@ class VLAPolicy(nn.Module):
         self.cfg = cfg
         if encoder is None:
             if cfg.encoder == "small":
-                encoder = SmallEncoder(cfg.proprio_dim, cfg.z_dim, cfg.enc_channels)
+                encoder = SmallEncoder(cfg.proprio_dim, cfg.z_dim, cfg.enc_channels, version=cfg.enc_version,
+                                       keypoints=cfg.enc_keypoints, text_queries=cfg.enc_text_queries,
+                                       dropout=cfg.enc_dropout)
             else:
                 encoder = HFVLMEncoder.from_pretrained(cfg.hf_path, layer=cfg.hf_layer, lora_rank=cfg.lora_rank)
         self.encoder = encoder

@@ -175,7 +175,9 @@ def _beta(cfg: SFTConfig, n: int, g: torch.Generator) -> torch.Tensor:
 def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
     """A trained policy (with its normalisation stats) from an SFT checkpoint."""
     ck = load_checkpoint(path, "SFT policy checkpoint")
-    policy = VLAPolicy(from_dict(PolicyConfig, ck["policy_config"]))
+    pc = dict(ck["policy_config"])
+    pc.setdefault("enc_version", 1)  # checkpoints from before enc_version existed hold the version-1 encoder
+    policy = VLAPolicy(from_dict(PolicyConfig, pc))
     policy.load_state_dict(ck["model"])
     return policy.to(device).eval()
 
