@@ -2,7 +2,6 @@
 holds the policy chunks and the reference chunk, bad inputs fail clearly. Tiny models built here."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

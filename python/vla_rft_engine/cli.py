@@ -60,6 +60,16 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return cfg, over, want_help
 
 
+def parse_command(cmd: str, cls, argv: list[str] | None):
+    """A command's config from `--config FILE.yaml` and key=value overrides; None after printing --help."""
+    from .config import load_config
+    path, over, want_help = split_args(list(argv or []))
+    if want_help:
+        print_config_help(cmd, cls())
+        return None
+    return load_config(cls, path, over)
+
+
 def print_config_help(cmd: str, cfg) -> None:
     import yaml
     from .config import to_dict

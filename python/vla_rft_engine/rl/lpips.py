@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # torchvision's `features` layout: ("C", out, kernel, stride, pad) | "R" ReLU | "M" max-pool 3/2 (alex) or 2/2 (vgg)
 _ALEX = [("C", 64, 11, 4, 2), "R", "M", ("C", 192, 5, 1, 2), "R", "M", ("C", 384, 3, 1, 1), "R",

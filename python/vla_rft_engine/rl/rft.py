@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..cli import print_config_help, split_args
-from ..config import ConfigError, load_config, save_config, to_dict
+from ..cli import parse_command
+from ..config import ConfigError, save_config, to_dict
 from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, read_jsonl
 from . import distributed as du
 from .grpo import GRPOConfig, approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
@@ -392,11 +392,9 @@ def save_rollout_png(viz: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    yaml_path, overrides, want_help = split_args(list(argv or []))
-    if want_help:
-        print_config_help("rft", RFTConfig())
+    cfg = parse_command("rft", RFTConfig, argv)
+    if cfg is None:
         return 0
-    cfg = load_config(RFTConfig, yaml_path, overrides)
     try:
         res = train(cfg)
     except FileNotFoundError as e:  # a missing stage checkpoint: one clear line from the CLI, exit 2

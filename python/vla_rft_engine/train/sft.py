@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli import print_config_help, split_args
-from ..config import ConfigError, from_dict, load_config, save_config, to_dict
+from ..cli import parse_command
+from ..config import ConfigError, from_dict, save_config, to_dict
 from ..models.policy import PolicyConfig, VLAPolicy
 from ..utils import RunLogger, atomic_save, load_checkpoint, resolve_device, seed_everything
 
@@ -265,11 +265,9 @@ def train(cfg: SFTConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    yaml_path, overrides, want_help = split_args(list(argv or []))
-    if want_help:
-        print_config_help("sft", SFTConfig())
+    cfg = parse_command("sft", SFTConfig, argv)
+    if cfg is None:
         return 0
-    cfg = load_config(SFTConfig, yaml_path, overrides)
     res = train(cfg)
     print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in res.items()})
     return 0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import metrics
-from ..config import load_config, save_config
+from ..config import save_config
 from ..models.tokenizer import TokenizerConfig, VisualTokenizer
 from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, resolve_device, seed_everything
 from ..viz import save_frame_grid
@@ -251,11 +251,9 @@ def train(cfg: TokenizerTrainConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from ..cli import print_config_help, split_args
-    path, over, want_help = split_args(argv)
-    if want_help:
-        print_config_help("pretrain-tokenizer", TokenizerTrainConfig())
+    from ..cli import parse_command
+    cfg = parse_command("pretrain-tokenizer", TokenizerTrainConfig, argv)
+    if cfg is None:
         return 0
-    cfg = load_config(TokenizerTrainConfig, path, over)
     train(cfg)
     return 0

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import print_config_help, split_args
-from ..config import ConfigError, load_config
+from ..cli import parse_command
+from ..config import ConfigError
 
 
 @dataclass
@@ -41,11 +41,9 @@ class WMEvalConfig:
 
 
 def main(argv: list[str]) -> int:
-    yaml_path, overrides, want_help = split_args(argv)
-    if want_help:
-        print_config_help("wm-eval", WMEvalConfig())
+    cfg = parse_command("wm-eval", WMEvalConfig, argv)
+    if cfg is None:
         return 0
-    cfg = load_config(WMEvalConfig, yaml_path, overrides)
     from .. import metrics
     from ..data.demos import load_demos
     from ..layout import ActionDiscretizer

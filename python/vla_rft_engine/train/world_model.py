@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cli import print_config_help, split_args
-from ..config import ConfigError, load_config, save_config, to_dict
+from ..cli import parse_command
+from ..config import ConfigError, save_config, to_dict
 from ..data.segments import load_segments
 from ..layout import ActionDiscretizer, TokenLayout
 from ..models.world_model import WorldModel, WorldModelConfig, init_weights
@@ -81,11 +81,9 @@ def _segments_from_demos(cfg: WMTrainConfig, out: Path, dev) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    yaml_path, overrides, want_help = split_args(argv)
-    if want_help:
-        print_config_help("pretrain-wm", WMTrainConfig())
+    cfg = parse_command("pretrain-wm", WMTrainConfig, argv)
+    if cfg is None:
         return 0
-    cfg = load_config(WMTrainConfig, yaml_path, overrides)
     from tqdm import tqdm
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
