@@ -33,7 +33,7 @@ class TokenizerTrainConfig:
     builtin_episodes: int = 160
     builtin_steps: int = 32
     heldout_fraction: float = 0.02  # paper's held-out split: 1/50
-    steps: int = 400
+    steps: int = 800
     batch_size: int = 8
     frames_per_context: int = 2
     max_offset: int = 8
@@ -45,7 +45,7 @@ class TokenizerTrainConfig:
     l1_weight: float = 0.5
     lpips_weight: float = 0.1  # used only when LPIPS weights are on disk
     lpips_net: str = "alex"
-    eval_every: int = 100
+    eval_every: int = 200
     eval_pairs: int = 256
     ckpt_every: int = 200
     seed: int = 0
