@@ -47,3 +47,16 @@ def test_pretrain_tokenizer_bad_input(tmp_path, capsys):
         cli(["pretrain-tokenizer", f"out_dir={tmp_path}", f"data={tmp_path / 'bad.npy'}", *TINY])
     with pytest.raises((ConfigError, ValueError)):
         cli(["pretrain-tokenizer", "model.quantizer=pq"])
+
+
+def test_pretrain_tokenizer_uses_lpips_when_weights_are_on_disk(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("lpips", reason="the linear heads ship in the lpips package")
+    ck = tmp_path / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), ck / "alexnet-owt-7be5be79.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    out = tmp_path / "o"
+    assert cli(["pretrain-tokenizer", f"out_dir={out}", "steps=2", "lpips_weight=0.1", *TINY]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["lpips_used"] is True and np.isfinite(ev["lpips"]) and ev["lpips"] >= 0

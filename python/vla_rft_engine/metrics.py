@@ -1,9 +1,6 @@
-"""Image metrics on float frames in [0, 1], shaped (..., 3, H, W): MSE, PSNR, SSIM, and LPIPS when its
-weights are on disk. Each returns one value per frame (leading dims kept)."""
+"""Image metrics on float frames in [0, 1], shaped (..., 3, H, W): MSE, PSNR, SSIM, and LPIPS (the engine's,
+rl.lpips) when its weights are on disk. Each returns one value per frame (leading dims kept)."""
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,36 +54,14 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 1
     return s.flatten(1).mean(1).float().reshape(lead)
 
 
-# torchvision's backbone file names; the `lpips` package ships only the linear heads.
-LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+def load_lpips(net: str = "alex", required: bool = False, device="cpu"):
+    """The engine's LPIPS (rl.lpips) with pretrained weights if they are on disk (nothing is downloaded), else None.
 
-
-def lpips_backbone_path(net: str = "alex") -> Path:
-    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-    return hub / LPIPS_BACKBONE_FILES[net]
-
-
-def load_lpips(net: str = "alex", required: bool = False):
-    """`lpips.LPIPS` with pretrained weights if they are on disk (no download attempted), else None.
-
-    required=True turns 'missing' into an error that names the files and where to put them."""
-    if net not in LPIPS_BACKBONE_FILES:
-        raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {net!r}")
-    why = None
+    required=True turns 'missing' into the FileNotFoundError that names the files and where to put them."""
+    from .rl.lpips import get_lpips
     try:
-        import lpips  # noqa: F401
-    except ImportError:
-        why = "the `lpips` package is not installed (pip install '.[lpips]')"
-    path = lpips_backbone_path(net)
-    if why is None and not path.is_file():
-        why = (f"the {net} backbone weights {path.name} are not at {path} (copy torchvision's file there, "
-               f"or set TORCH_HOME to a folder holding hub/checkpoints/{path.name})")
-    if why is not None:
+        return get_lpips(net, device)
+    except FileNotFoundError:
         if required:
-            raise FileNotFoundError(f"LPIPS unavailable: {why}")
+            raise
         return None
-    import lpips
-    m = lpips.LPIPS(net=net, pretrained=True, verbose=False).eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m

@@ -153,7 +153,7 @@ def evaluate(tok: VisualTokenizer, frames, eps, n_pairs: int, max_off: int, lp=N
         res[f"psnr_{name}"] = metrics.psnr(a, b).mean().item()
         res[f"ssim_{name}"] = metrics.ssim(a, b).mean().item()
         if lp is not None:
-            res[f"lpips_{name}"] = lp(a * 2 - 1, b * 2 - 1).mean().item()
+            res[f"lpips_{name}"] = lp(a, b, zero_one=True).mean().item()
     for k in ("mse", "psnr", "ssim") + (("lpips",) if lp is not None else ()):
         res[k] = (res[f"{k}_context"] + res[f"{k}_dynamics"]) / 2
     if png is not None:
@@ -184,12 +184,12 @@ def train(cfg: TokenizerTrainConfig) -> dict:
           f"{len(held_eps)} held out; device {device}", flush=True)
     tok = VisualTokenizer(cfg.model).to(device)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lp = metrics.load_lpips(cfg.lpips_net) if cfg.lpips_weight > 0 else None
-    if lp is None and cfg.lpips_weight > 0:
-        print("tokenizer: LPIPS weights not on disk, training with MSE + L1 only "
-              f"(put {metrics.LPIPS_BACKBONE_FILES[cfg.lpips_net]} under {metrics.lpips_backbone_path(cfg.lpips_net).parent})")
-    if lp is not None:
-        lp = lp.to(device)
+    lp = None
+    if cfg.lpips_weight > 0:
+        try:
+            lp = metrics.load_lpips(cfg.lpips_net, required=True, device=device)
+        except FileNotFoundError as e:
+            print(f"tokenizer: training with MSE + L1 only. {e}")
     g = torch.Generator().manual_seed(cfg.seed)
     step = 0
     ck_path = out / "train_state.pt"
@@ -216,7 +216,8 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             rec = F.mse_loss(rc, ctx) + F.mse_loss(rd, tgt)
             loss = rec + cfg.l1_weight * ((rc - ctx).abs().mean() + (rd - tgt).abs().mean()) + aux
             if lp is not None:
-                loss = loss + cfg.lpips_weight * (lp(rc * 2 - 1, ctx * 2 - 1).mean() + lp(rd.flatten(0, 1) * 2 - 1, tgt.flatten(0, 1) * 2 - 1).mean())
+                loss = loss + cfg.lpips_weight * (lp(rc, ctx, zero_one=True, check_range=False).mean()
+                                                  + lp(rd, tgt, zero_one=True, check_range=False).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)

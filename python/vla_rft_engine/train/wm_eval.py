@@ -86,10 +86,10 @@ def main(argv: list[str]) -> int:
     a, b = pred.flatten(0, 1).float(), real.flatten(0, 1).float()
     res = {"mse": float(metrics.mse(a, b).mean()), "psnr": float(metrics.psnr(a, b).mean()),
            "ssim": float(metrics.ssim(a, b).mean()), "episodes": E, "frames": T}
-    lp = metrics.load_lpips()
+    lp = metrics.load_lpips(device=dev)
     if lp is not None:
         with torch.no_grad():
-            res["lpips"] = float(lp.to(dev)(a * 2 - 1, b * 2 - 1).mean())
+            res["lpips"] = float(lp(a, b, zero_one=True).mean())
     outd = Path(cfg.out_dir)
     outd.mkdir(parents=True, exist_ok=True)
     rows, labels = [], []
