@@ -47,12 +47,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def check_like(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    """Every tensor in `others` has `ref`'s shape, which is (rows, ...); shared by the SDE ops."""
+    for name, t in others.items():
+        if t.shape != ref.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)} like {ref_name}")
+    if ref.dim() < 2:
+        raise ValueError(f"{op}: {ref_name} must be (rows, ...), got shape {tuple(ref.shape)}")
+
+
 def check_inputs(a, v, sigma, eps) -> None:
-    for name, t in (("v", v), ("sigma", sigma), ("eps", eps)):
-        if t.shape != a.shape:
-            raise ValueError(f"sde euler step: {name} has shape {tuple(t.shape)}, expected {tuple(a.shape)} like a")
-    if a.dim() < 2:
-        raise ValueError(f"sde euler step: a must be (rows, ...), got shape {tuple(a.shape)}")
+    check_like("sde euler step", "a", a, v=v, sigma=sigma, eps=eps)
 
 
 def euler_step_reference(a, v, sigma, eps, delta: float):

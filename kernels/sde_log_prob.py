@@ -17,19 +17,11 @@ import functools
 import torch
 from torch.distributions import Normal
 
-from .sde_euler_step import HALF_LOG_2PIE, LOG_2PI, compute_dtype, triton_usable
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
+from .sde_euler_step import HALF_LOG_2PIE, LOG_2PI, _rows, check_like, compute_dtype, triton_usable
 
 
 def check_inputs(x, a, v, sigma) -> None:
-    for name, t in (("a", a), ("v", v), ("sigma", sigma)):
-        if t.shape != x.shape:
-            raise ValueError(f"sde log-prob: {name} has shape {tuple(t.shape)}, expected {tuple(x.shape)} like x")
-    if x.dim() < 2:
-        raise ValueError(f"sde log-prob: x must be (rows, ...), got shape {tuple(x.shape)}")
+    check_like("sde log-prob", "x", x, a=a, v=v, sigma=sigma)
 
 
 def log_prob_reference(x, a, v, sigma, delta: float):

@@ -83,6 +83,17 @@ class ResBlock(nn.Module):
         return x + self.conv2(F.silu(self.norm2(h)))
 
 
+def _stages(h, mixes, blocks, cond: list[torch.Tensor] | None):
+    """Per resolution: mix in the conditioning features (if any), keep the stage's features, run its block."""
+    feats = []
+    for i, (mix, block) in enumerate(zip(mixes, blocks)):
+        if cond is not None:
+            h = mix(torch.cat([h, cond[i]], 1))
+        feats.append(h)
+        h = block(h)
+    return h, feats
+
+
 class Encoder(nn.Module):
     """Full-res -> latent grid; `cond` features (one per resolution) are concatenated when given."""
 
@@ -99,14 +110,7 @@ class Encoder(nn.Module):
             self.blocks.append(nn.Sequential(ResBlock(ch) if i > 0 else nn.Identity(), down))
 
     def forward(self, x, cond: list[torch.Tensor] | None = None):
-        h = self.stem(x)
-        feats = []
-        for i, (mix, block) in enumerate(zip(self.mix, self.blocks)):
-            if cond is not None:
-                h = mix(torch.cat([h, cond[i]], 1))
-            feats.append(h)
-            h = block(h)
-        return h, feats
+        return _stages(self.stem(x), self.mix, self.blocks, cond)
 
 
 class Decoder(nn.Module):
@@ -127,13 +131,7 @@ class Decoder(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, rev[-1]), nn.SiLU(), nn.Conv2d(rev[-1], 3, 3, padding=1))
 
     def forward(self, z, cond: list[torch.Tensor] | None = None):
-        h = self.inp(z)
-        feats = []
-        for i, (mix, block) in enumerate(zip(self.mix, self.blocks)):
-            if cond is not None:
-                h = mix(torch.cat([h, cond[i]], 1))
-            feats.append(h)
-            h = block(h)
+        h, feats = _stages(self.inp(z), self.mix, self.blocks, cond)
         return self.out(h), feats
 
 
