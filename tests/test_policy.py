@@ -30,7 +30,8 @@ def test_encoder_runs_once_per_start_state():
     img, instr, prop = obs(2)
     z, s, out = pol.rollout(img, instr, prop, num_samples=16, generator=torch.Generator().manual_seed(0))
     assert calls == [2]  # one call, B rows, not B*N
-    assert out.chain.shape == (2, 16, 11, T, A) and z.shape == (2, 32)
+    # v2 (default): the features (z_dim) then the instruction queries' raw x, y points (2 x 4 queries)
+    assert out.chain.shape == (2, 16, 11, T, A) and z.shape == (2, 32 + 2 * 4) == (2, pol.encoder.z_dim)
 
 
 def test_image_formats_agree():
@@ -39,7 +40,7 @@ def test_image_formats_agree():
     z1 = enc(img, instr, prop)
     z2 = enc(img.permute(0, 3, 1, 2).float() / 255.0, instr, prop)
     torch.testing.assert_close(z1, z2, atol=1e-5, rtol=1e-5)
-    assert z1.shape == (2, 16)
+    assert z1.shape == (2, enc.z_dim) == (2, 16 + 8)
     with pytest.raises(ValueError, match="channels-first"):
         enc(img.float(), instr, prop)  # float HWC is ambiguous: rejected
     with pytest.raises(ValueError, match="batch mismatch"):
@@ -48,7 +49,7 @@ def test_image_formats_agree():
     z3 = enc(img, ["bowl the in block red the put", "push blue"], prop)
     torch.testing.assert_close(z1, z3)
     assert not torch.allclose(z1, enc(img, ["open the drawer", "push blue"], prop))
-    assert enc(img, torch.tensor([[1, 2, -1], [3, -1, -1]]), prop).shape == (2, 16)
+    assert enc(img, torch.tensor([[1, 2, -1], [3, -1, -1]]), prop).shape == (2, enc.z_dim)
 
 
 def test_sigma_net_bounds_and_init():
@@ -201,12 +202,28 @@ def test_small_encoder_v2_finds_named_colour():
     kp = enc.keypoints(img, ["move to the red block"])  # (1, 2 * (2 + 1)): x of 3 points, then y of 3 points
     x, y = kp[0, 2].item(), kp[0, 5].item()
     assert x == pytest.approx(-1 + 3.5 / 8, abs=0.02) and y == pytest.approx(1 - 12.5 / 8, abs=0.02)
-    assert enc(img, ["move to the red block"], torch.zeros(1, P)).shape == (1, 16)
+    z = enc(img, ["move to the red block"], torch.zeros(1, P))
+    assert z.shape == (1, 16 + 2) == (1, enc.z_dim)
+    torch.testing.assert_close(z[0, 16:], torch.tensor([x, y]))  # the named object's point reaches z unchanged
+    names = {id(p) for p in enc.readout_parameters()}
+    assert id(enc.kp_log_temp) in names and id(enc.query.weight) in names and id(enc.kp.weight) not in names
+
+
+def test_proprio_stats_leave_constant_dims_unscaled():
+    """A constant proprio dim (std 0) is not divided by a tiny clamp: drift at test time stays drift."""
+    pol = VLAPolicy(small_cfg())
+    prop = torch.randn(100, P)
+    prop[:, 3] = 0.5
+    pol.set_norm_stats(torch.randn(100, A), prop)
+    assert pol.proprio_std[3] == 1.0 and pol.proprio_mean[3] == pytest.approx(0.5)
+    shifted = prop[:1].clone()
+    shifted[0, 3] += 0.01
+    assert pol.normalize_proprio(shifted)[0, 3] == pytest.approx(0.01, abs=1e-6)
 
 
 def test_legacy_encoder_v1_still_builds():
     pol = VLAPolicy(small_cfg(enc_version=1))
     img, instr, prop = obs(2)
-    assert pol.encode(img, instr, prop).shape == (2, 32)
+    assert pol.encode(img, instr, prop).shape == (2, 32) and pol.encoder.readout_parameters() == []
     with pytest.raises(ValueError, match="enc_version"):
         small_cfg(enc_version=3).validate()

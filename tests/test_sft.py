@@ -92,3 +92,15 @@ def test_load_policy_reads_pre_enc_version_checkpoints(tmp_path):
     torch.save(ck, tmp_path / "old.pt")
     pol = sft.load_policy(tmp_path / "old.pt")
     assert pol.cfg.enc_version == 1 and pol.encoder.version == 1
+
+
+def test_readout_trains_at_its_own_lr(tmp_path):
+    """The v2 colour-query readout gets lr * readout_lr_mult; everything else (not the Sigma Net) gets lr."""
+    sft.train(cfg(tmp_path, "steps=1", "lr=1e-3", "readout_lr_mult=7", "warmup_steps=1"))
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    groups = ck["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == pytest.approx([1e-3, 7e-3])
+    pol = sft.load_policy(tmp_path / "ckpt.pt")
+    assert len(groups[1]["params"]) == len(pol.encoder.readout_parameters())
+    n_trained = len([n for n, _ in pol.named_parameters() if not n.startswith("sigma_net.")])
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_trained

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "wm-eval": ("vla_rft_engine.train.wm_eval", "world-model rollout quality: MSE, PSNR, SSIM, LPIPS (Table 1)"),
     "sft": ("vla_rft_engine.train.sft", "Stage I flow-matching SFT of the policy (Eq. 4)"),
     "rft": ("vla_rft_engine.rl.rft", "Stage II GRPO fine-tuning of the policy in the frozen world model"),
+    "quickstart": ("vla_rft_engine.quickstart", "every stage on the built-in task, then SFT vs RFT success tables"),
 }
 
 

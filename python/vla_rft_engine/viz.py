@@ -69,3 +69,36 @@ def save_curve(xs, ys_by_name: dict[str, list[float]], path: str | Path, title: 
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def save_histograms(samples: dict[str, np.ndarray], dim_names: list[str], dims: list[int], path: str | Path,
+                    bins: int = 30, title: str = "", panel: tuple[int, int] = (300, 200)) -> Path:
+    """One panel per action dim; in each, a normalised histogram line per source (samples[name]: (n, D))."""
+    W, H = panel
+    m, top = 30, 24
+    img = Image.new("RGB", (W * len(dims), H + top), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.text((6, 4), title, fill=(0, 0, 0))
+    colors = [(0, 0, 0), (31, 119, 180), (214, 39, 40), (44, 160, 44)]
+    for j, (dim, dname) in enumerate(zip(dims, dim_names)):
+        x0 = j * W
+        vals = np.concatenate([np.asarray(s)[:, dim] for s in samples.values()])
+        lo, hi = float(vals.min()), float(vals.max())
+        hi = hi if hi > lo else lo + 1e-3
+        edges = np.linspace(lo, hi, bins + 1)
+        hists = {k: np.histogram(np.asarray(s)[:, dim], edges)[0] / max(1, len(s)) for k, s in samples.items()}
+        ymax = max(float(h.max()) for h in hists.values()) or 1.0
+        box = (x0 + m, top + 10, x0 + W - 10, top + H - m)
+        d.rectangle(box, outline=(0, 0, 0))
+        for k, (name, h) in enumerate(hists.items()):
+            xs = box[0] + (np.arange(bins) + 0.5) / bins * (box[2] - box[0])
+            ys = box[3] - h / ymax * (box[3] - box[1] - 5)
+            d.line(list(zip(xs.tolist(), ys.tolist())), fill=colors[k % len(colors)], width=2)
+            d.text((box[0] + 4, box[1] + 3 + 11 * k), name, fill=colors[k % len(colors)])
+        d.text((x0 + W // 2 - 10, top + H - m + 3), dname, fill=(0, 0, 0))
+        d.text((box[0], top + H - 14), f"{lo:.2g}", fill=(0, 0, 0))
+        d.text((box[2] - 24, top + H - 14), f"{hi:.2g}", fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

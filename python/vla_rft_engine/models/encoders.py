@@ -100,11 +100,15 @@ class SmallEncoder(nn.Module):
     """
 
     def __init__(self, proprio_dim: int, z_dim: int = 128, channels: int = 32, vocab_buckets: int = 1024,
-                 text_dim: int = 64, version: int = 2, keypoints: int = 16, text_queries: int = 4, dropout: float = 0.0):
+                 text_dim: int = 64, version: int = 2, keypoints: int = 16, text_queries: int = 4, dropout: float = 0.0,
+                 kp_temp: float = 64.0):
         super().__init__()
         if version not in (1, 2):
             raise ValueError(f"SmallEncoder version must be 1 or 2, got {version}")
-        self.z_dim, self.proprio_dim, self.vocab_buckets, self.version = z_dim, proprio_dim, vocab_buckets, version
+        self.proprio_dim, self.vocab_buckets, self.version = proprio_dim, vocab_buckets, version
+        # v2: z = [features (z_dim), the instruction queries' points x, y in world units (2Q)] -- the raw
+        # points reach the head linearly, so "target minus gripper" is one linear map of (z, s) away
+        self.z_dim = z_dim + (2 * text_queries if version == 2 else 0)
         c = channels
         self.word_emb = nn.Embedding(vocab_buckets, text_dim)
         self.txt_proj = nn.Linear(text_dim, z_dim)
@@ -130,7 +134,8 @@ class SmallEncoder(nn.Module):
             self.query = nn.Linear(text_dim, text_queries * c)
             self.text_queries = text_queries
             nq = keypoints + text_queries
-            self.kp_log_temp = nn.Parameter(torch.full((nq,), math.log(2.0)))  # logit scale, learned
+            # logit scale, learned; starts sharp (a near-uniform softmax over 4096 pixels barely moves its mean)
+            self.kp_log_temp = nn.Parameter(torch.full((nq,), math.log(kp_temp)))
             self.kp_proj = nn.Sequential(nn.Linear(2 * nq, z_dim), nn.SiLU(), nn.Linear(z_dim, z_dim))
             self.img_proj = nn.Linear(c, z_dim)
             self.out = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Linear(4 * z_dim, z_dim), nn.LayerNorm(z_dim))
@@ -191,7 +196,17 @@ class SmallEncoder(nn.Module):
             img = self.img_proj(torch.cat([self.pool(h), spatial_softmax(h, world=False)], -1))
             return self.out(torch.cat([img, self.txt_proj(t), p], -1))
         kp, pooled = self._features(x, t)
-        return self.out(torch.cat([self.kp_proj(kp), self.img_proj(pooled), self.txt_proj(t), p], -1))
+        nk, Q = self.kp.out_channels, self.text_queries
+        points = torch.cat([kp[:, nk:nk + Q], kp[:, 2 * nk + Q:]], 1)  # the text queries' x (Q), y (Q)
+        feat = self.out(torch.cat([self.kp_proj(kp), self.img_proj(pooled), self.txt_proj(t), p], -1))
+        return torch.cat([feat, points], -1)
+
+    def readout_parameters(self) -> list[nn.Parameter]:
+        """The colour-query readout (per-pixel features, queries, softmax temperatures): trained at a higher lr
+        in SFT -- its logits must sharpen across 4096 pixels before the points it reads move at all."""
+        if self.version != 2:
+            return []
+        return [*self.pix.parameters(), *self.query.parameters(), self.kp_log_temp]
 
 
 class LoRALinear(nn.Module):

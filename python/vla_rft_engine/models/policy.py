@@ -35,10 +35,11 @@ class PolicyConfig:
     lora_rank: int = 0            # > 0: LoRA adapters on the HF text attention during SFT
     z_dim: int = 128              # small encoder only (HF: the model's hidden size)
     enc_channels: int = 32
-    enc_version: int = 1          # small encoder: 1 = original; 2 = keypoint/text-query readout in world coords (experimental)
+    enc_version: int = 2          # small encoder: 2 = keypoint/text-query readout in world coords; 1 = original
     enc_keypoints: int = 16       # small encoder v2: image keypoints (spatial-softmax heat maps)
     enc_text_queries: int = 4     # small encoder v2: instruction-conditioned attention read-outs
     enc_dropout: float = 0.0      # small encoder v2: dropout before z's output projection
+    enc_kp_temp: float = 64.0     # small encoder v2: initial spatial-softmax temperature (learned)
     d_model: int = 128
     depth: int = 3
     heads: int = 4
@@ -82,7 +83,7 @@ class VLAPolicy(nn.Module):
             if cfg.encoder == "small":
                 encoder = SmallEncoder(cfg.proprio_dim, cfg.z_dim, cfg.enc_channels, version=cfg.enc_version,
                                        keypoints=cfg.enc_keypoints, text_queries=cfg.enc_text_queries,
-                                       dropout=cfg.enc_dropout)
+                                       dropout=cfg.enc_dropout, kp_temp=cfg.enc_kp_temp)
             else:
                 encoder = HFVLMEncoder.from_pretrained(cfg.hf_path, layer=cfg.hf_layer, lora_rank=cfg.lora_rank)
         self.encoder = encoder
@@ -113,7 +114,9 @@ class VLAPolicy(nn.Module):
         self.action_low.copy_(lo - pad)
         self.action_high.copy_(hi + pad)
         self.proprio_mean.copy_(p.mean(0))
-        self.proprio_std.copy_(p.std(0).clamp_min(1e-3) if p.shape[0] > 1 else torch.ones_like(p[0]))
+        std = p.std(0) if p.shape[0] > 1 else torch.ones_like(p[0])
+        # a (near-)constant dim is left unscaled: dividing by a tiny std would blow up any drift at test time
+        self.proprio_std.copy_(torch.where(std < 1e-3, torch.ones_like(std), std))
         return self.norm_stats()
 
     def norm_stats(self) -> dict:

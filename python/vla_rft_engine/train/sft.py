@@ -43,6 +43,7 @@ class SFTConfig:
     stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
     batch_size: int = 64
     lr: float = 3e-4
+    readout_lr_mult: float = 10.0  # small encoder v2: lr multiplier of the colour-query readout (see readout_parameters)
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     grad_clip: float = 1.0
@@ -199,7 +200,12 @@ def train(cfg: SFTConfig) -> dict:
     policy = VLAPolicy(cfg.policy).to(device)
     policy.set_norm_stats(train_data.raw_actions, train_data.proprio)
     params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("sigma_net.")]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    readout = getattr(policy.encoder, "readout_parameters", list)()
+    fast = {id(p) for p in readout}
+    groups = [{"params": [p for p in params if id(p) not in fast]}]
+    if readout:
+        groups.append({"params": [p for p in readout if p.requires_grad], "lr": cfg.lr * cfg.readout_lr_mult})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step):  # linear warmup, cosine to 10%
         if step < cfg.warmup_steps:

@@ -44,6 +44,7 @@ class WMTrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     resume: bool = True
+    progress: bool = True
     seed: int = 0
     device: str = "auto"
 
@@ -84,6 +85,13 @@ def main(argv: list[str]) -> int:
     cfg = parse_command("pretrain-wm", WMTrainConfig, argv)
     if cfg is None:
         return 0
+    train(cfg)
+    return 0
+
+
+def train(cfg: WMTrainConfig) -> dict:
+    """Train (or resume) and write out_dir/world_model. -> {"step", "loss", "world_model"}."""
+    cfg.validate()
     from tqdm import tqdm
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
@@ -117,7 +125,8 @@ def main(argv: list[str]) -> int:
     log = RunLogger(out, resume=step > 0)
     gen = torch.Generator().manual_seed(cfg.seed + step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and dev.type == "cuda")
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-wm", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-wm", dynamic_ncols=True, disable=not cfg.progress)
+    loss = torch.tensor(float("nan"))
     while step < cfg.steps:
         idx = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
         with autocast:
@@ -140,4 +149,4 @@ def main(argv: list[str]) -> int:
     if seg.get("action_ranges"):
         ActionDiscretizer(**seg["action_ranges"]).save(out / "world_model" / "action_ranges.json")
     print(f"pretrain-wm: {step} steps, world model written to {out / 'world_model'}")
-    return 0
+    return {"step": step, "loss": float(loss.detach()), "world_model": str(out / "world_model")}

@@ -1,0 +1,156 @@
+"""Closed-loop evaluation of policy checkpoints in the real (built-in) environment, and the quickstart report:
+a success table in the form of the paper's Tables 2-3, JSON + Markdown, and the PNGs people look at."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SETTING_NAMES = {"none": "Standard", "object_minor": "Object (minor)", "object_major": "Object",
+                 "goal_minor": "Goal (minor)", "goal_major": "Goal", "robot_minor": "Robot (minor)",
+                 "robot_major": "Robot", "all_minor": "All (minor)", "all_major": "All"}
+
+
+def policy_fn(policy, seed: int = 0):
+    """obs -> unnormalised action chunk (C, 7): the deterministic ODE policy (fixed initial noise per query)."""
+    def fn(obs):
+        img = torch.as_tensor(obs["image"])[None]
+        prop = torch.as_tensor(obs["proprio"])[None]
+        return policy.act(img, [obs["instruction"]], prop, generator=torch.Generator().manual_seed(seed))[0].numpy()
+    return fn
+
+
+def evaluate_checkpoints(ckpts: dict, task: str, settings: list[str], seeds: list[int], episodes: int,
+                         eval_seed: int, image_size: int, cache: Path, progress: bool = True) -> list[dict]:
+    """Success rate of each checkpoint on each (setting, seed): `episodes` episodes drawn with env seed
+    eval_seed + seed. Checkpoints named rft_seed{s} are evaluated on seed s only (their own seed); every other
+    one on all seeds. Results are appended to `cache` (JSON) as they finish, so a killed run resumes."""
+    from .data.demos import evaluate_policy
+    from .train.sft import load_policy
+    cache = Path(cache)
+    done = json.loads(cache.read_text()) if cache.is_file() else []
+    have = {(r["policy"], r["setting"], r["seed"]) for r in done}
+    jobs = [(name, st, s) for name in ckpts for st in settings for s in seeds
+            if not (name.startswith("rft_seed") and name != f"rft_seed{s}")]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), initial=sum(j in have for j in jobs), desc="evaluate", dynamic_ncols=True)
+    loaded: dict = {}
+    for name, st, s in jobs:
+        if (name, st, s) in have:
+            continue
+        if name not in loaded:
+            loaded = {name: load_policy(ckpts[name])}  # one policy in memory at a time
+        r = evaluate_policy(policy_fn(loaded[name]), task, perturbation=None if st == "none" else st,
+                            num_episodes=episodes, seed=eval_seed + s, image_size=image_size)
+        done.append({"policy": name, "setting": st, "seed": s, "success_rate": r["success_rate"],
+                     "episodes": episodes, "successes": int(sum(e["success"] for e in r["episodes"]))})
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1))
+        tmp.replace(cache)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return done
+
+
+def success_table(records: list[dict], settings: list[str], seeds: list[int]) -> dict:
+    """{setting: {"sft": mean, "rft": mean, "delta": rft - sft, "per_seed": {seed: {"sft", "rft"}}}} in %."""
+    get = {(r["policy"], r["setting"], r["seed"]): 100.0 * r["success_rate"] for r in records}
+    table = {}
+    for st in settings:
+        per = {s: {"sft": get[("sft", st, s)], "rft": get[(f"rft_seed{s}", st, s)]} for s in seeds}
+        sft = float(np.mean([v["sft"] for v in per.values()]))
+        rft = float(np.mean([v["rft"] for v in per.values()]))
+        table[st] = {"sft": sft, "rft": rft, "delta": rft - sft, "per_seed": per}
+    return table
+
+
+def table_markdown(table: dict, seeds: list[int], task: str, episodes: int) -> str:
+    cols = list(table)
+    head = "| Policy | " + " | ".join(SETTING_NAMES.get(c, c) for c in cols) + " | Avg |"
+    sep = "|---" * (len(cols) + 2) + "|"
+
+    def row(label, key, fmt="{:.1f}"):
+        vals = [table[c][key] for c in cols]
+        return f"| {label} | " + " | ".join(fmt.format(v) for v in vals) + " | " + fmt.format(np.mean(vals)) + " |"
+    lines = [f"Success rate (%) on `{task}`, {episodes} episodes per setting and seed, mean over seeds "
+             f"{', '.join(map(str, seeds))} (real environment, episodes unseen in training).", "", head, sep,
+             row("SFT", "sft"), row("RFT (R3)", "rft"), row("Δ", "delta", "{:+.1f}"), "", "Per seed (SFT → RFT):", "",
+             "| Seed | " + " | ".join(SETTING_NAMES.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(f"{table[c]['per_seed'][s]['sft']:.0f} → {table[c]['per_seed'][s]['rft']:.0f}"
+                                               for c in cols) + " |")
+    avg = float(np.mean([table[c]["delta"] for c in cols]))
+    verdict = ("RFT raised the average success rate over its SFT checkpoint." if avg > 0 else
+               "RFT did NOT raise the average success rate over its SFT checkpoint in this run.")
+    return "\n".join(lines + ["", f"Average Δ: {avg:+.1f} points. {verdict}"]) + "\n"
+
+
+@torch.no_grad()
+def action_samples(ckpt: Path, demos: dict, max_states: int = 256) -> np.ndarray:
+    """ODE action chunks of a checkpoint on the demos' pre-success states -> (n * C, 7)."""
+    from .train.sft import load_policy
+    pol = load_policy(ckpt)
+    E, T = demos["actions"].shape[:2]
+    idx = [(e, t) for e in range(E) for t in range(min(T, int(demos["lengths"][e])))][:max_states]
+    e, t = map(np.array, zip(*idx))
+    img = torch.as_tensor(demos["frames"][e, t])
+    prop = torch.as_tensor(demos["proprio"][e, t])
+    instr = [demos["instructions"][i] for i in e]
+    a = pol.act(img, instr, prop, generator=torch.Generator().manual_seed(0))
+    return a.reshape(-1, a.shape[-1]).numpy()
+
+
+def write_report(qs) -> dict:
+    """results.json / results.md and the PNGs, from a Quickstart whose earlier stages are done."""
+    from .data.demos import collect_demos
+    from .utils import read_jsonl
+    from .viz import save_curve, save_histograms
+    c, out, p = qs.cfg, qs.out, qs.paths
+    records = json.loads(p["eval"].read_text())
+    table = success_table(records, c.settings, c.seeds)
+    md = table_markdown(table, c.seeds, c.task, c.eval_episodes)
+    state = json.loads(qs.state_path.read_text()) if qs.state_path.is_file() else {}
+    times = {k: v["wall_s"] for k, v in state.get("stages", {}).items()}
+    (out / "results.md").write_text(md)
+    # reward curves, one line per seed
+    curves = {}
+    for s in c.seeds:
+        rows = [r for r in read_jsonl(p["rft"] / f"seed{s}" / "metrics.jsonl") if "reward/mean" in r]
+        curves[f"seed {s}"] = ([r["step"] for r in rows], [r["reward/mean"] for r in rows])
+    steps = max((v[0] for v in curves.values()), key=len)
+    save_curve(steps, {k: v[1][:len(steps)] + [float("nan")] * (len(steps) - len(v[1])) for k, v in curves.items()},
+               out / "reward_curve.png", title="RFT mean verified reward (R3) per step")
+    # world model beside the real environment on unseen expert episodes (dataset actions)
+    held = collect_demos(c.task, 4, seed=c.eval_seed + 999, image_size=c.image_size)
+    from .data.demos import save_demos
+    save_demos(held, out / "heldout_demos.pt")
+    from .train import wm_eval
+    wm_eval.main([f"wm={p['world_model'] / 'world_model'}", f"tokenizer={p['tokenizer']}",
+                  f"demos={out / 'heldout_demos.pt'}", f"out_dir={out / 'wm_eval'}", "episodes=4",
+                  f"device={c.device}"])
+    (out / "wm_rollout.png").write_bytes((out / "wm_eval" / "rollouts.png").read_bytes())
+    wm_metrics = json.loads((out / "wm_eval" / "metrics.json").read_text())
+    # action distributions (paper Fig. 4): expert vs SFT vs RFT (first seed) on unseen expert states
+    held = collect_demos(c.task, 16, seed=c.eval_seed + 1999, image_size=c.image_size)
+    L = held["lengths"]
+    expert = np.concatenate([held["actions"][e, :int(L[e])] for e in range(len(L))])
+    dists = {"expert": expert, "SFT": action_samples(p["sft"] / "ckpt.pt", held),
+             "RFT": action_samples(p["rft"] / f"seed{c.seeds[0]}" / "ckpt.pt", held)}
+    save_histograms(dists, ["dx", "dy", "dz", "gripper"], [0, 1, 2, 6], out / "action_distributions.png",
+                    title="actions on unseen expert states")
+    res = {"task": c.task, "seeds": c.seeds, "episodes_per_setting_seed": c.eval_episodes, "table": table,
+           "avg_delta": float(np.mean([v["delta"] for v in table.values()])), "records": records,
+           "rft": state.get("stages", {}).get("rft", {}).get("result"), "world_model_eval": wm_metrics,
+           "stage_wall_s": times}
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    return {"avg_delta": res["avg_delta"], "standard_sft": table[c.settings[0]]["sft"],
+            "standard_rft": table[c.settings[0]]["rft"]}
+
+
+__all__ = ["evaluate_checkpoints", "success_table", "table_markdown", "write_report", "policy_fn"]
