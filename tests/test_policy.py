@@ -60,6 +60,10 @@ def test_sigma_net_bounds_and_init():
         sn.out.weight.normal_(std=50.0)  # saturate: still inside the bounds
     sig = sn(z, s, a * 10, tau)
     assert sig.min() >= 0.01 * (1 - 1e-5) and sig.max() <= 0.5 * (1 + 1e-5)
+    sn.reset_sigma(0.2)  # RFT's sigma_init: back to a constant std, whatever the trained weights were
+    torch.testing.assert_close(sn(z, s, a, tau), torch.full((4, T, A), 0.2), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="strictly inside"):
+        sn.reset_sigma(0.6)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         SigmaNet(A, T, 16, P, sigma_min=0.5, sigma_max=0.1)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):

@@ -43,3 +43,33 @@ def test_pretrain_wm_from_demos(tmp_path):
     mtime = (out / "segments.pt").stat().st_mtime_ns
     assert cli([*args[:-4], "steps=3", "batch_size=2", "segment_frames=4", "segment_stride=4"]) == 0
     assert (out / "segments.pt").stat().st_mtime_ns == mtime
+
+
+def test_segments_skip_the_idle_tail_after_success():
+    """No segment starts after the step an episode was solved, unless idle_tail=True."""
+    from vla_rft_engine.data.segments import build_segments
+    demos = collect_demos("reach", num_episodes=2, seed=0, image_size=32, max_steps=30)
+    demos["lengths"] = torch.tensor([5, 30]).numpy()
+    tok = VisualTokenizer(TokenizerConfig(image_size=32, channels=[8, 16, 16], latent_channels=16)).eval()
+    disc = ActionDiscretizer.from_dataset(torch.as_tensor(demos["actions"]))
+    short = build_segments(demos, tok, disc, frames=4, stride=2)
+    full = build_segments(demos, tok, disc, frames=4, stride=2, idle_tail=True)
+    per_episode = len(range(0, 31 - 4 + 1, 2))  # 14 starts in 31 frames
+    assert full["ids"].shape[0] == 2 * per_episode
+    assert short["ids"].shape[0] == len([s for s in range(0, 28, 2) if s <= 5]) + per_episode
+    torch.testing.assert_close(short["ids"][:3], full["ids"][:3])  # starts 0, 2, 4 of episode 0 are kept
+
+
+def test_masked_nll_equals_full_logits_reference():
+    """The loss projects to the vocabulary only at masked targets; it equals cross-entropy on full logits."""
+    import torch.nn.functional as F
+    from vla_rft_engine.models.world_model import WorldModelConfig, init_weights
+    from vla_rft_engine.train.world_model import masked_nll
+    wm = init_weights(WorldModel(WorldModelConfig.preset("tiny", vocab_size=300, num_codes=20)), seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (3, 40), generator=g)
+    mask = torch.rand(3, 40, generator=g) > 0.4
+    logits = wm.forward_logits(ids[:, :-1])
+    nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    ref = (nll * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
+    torch.testing.assert_close(masked_nll(wm, ids, mask), ref, rtol=1e-5, atol=1e-6)

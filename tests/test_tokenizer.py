@@ -68,6 +68,10 @@ def test_tokenizer_token_path_equals_training_path(quantizer, patch):
     assert tok.layout.context_tokens == 64 and tok.layout.dynamics_tokens == (8 // patch) ** 2
     torch.testing.assert_close(tok.decode(cid, did), rd.clamp(0, 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(tok.decode_context(cid), rc.clamp(0, 1), atol=1e-5, rtol=0)
+    # encode_clip (context encoded once per clip) gives the same ids as the per-frame calls
+    cid2, did2 = tok.encode_clip(torch.cat([ctx[:, None], fr], 1))
+    assert torch.equal(cid2, cid) and torch.equal(did2[:, 1:], did)
+    assert torch.equal(did2[:, 0], tok.encode_dynamics(ctx, ctx))
 
 
 def test_tokenizer_errors_and_save_load(tmp_path):

@@ -39,21 +39,21 @@ RUNTIME_KEYS = ("progress", "device")  # may change between a run and its resume
 
 
 def _tokenizer() -> TokenizerTrainConfig:
-    return TokenizerTrainConfig(steps=400, eval_every=200, ckpt_every=100, eval_pairs=64)
+    return TokenizerTrainConfig(steps=300, eval_every=300, ckpt_every=100, eval_pairs=64)
 
 
 def _world_model() -> WMTrainConfig:
-    return WMTrainConfig(preset="tiny", steps=300, batch_size=8, lr=2e-3, segment_stride=2, ckpt_every=100)
+    return WMTrainConfig(preset="tiny", steps=250, batch_size=8, lr=2e-3, ckpt_every=50)
 
 
 def _sft() -> SFTConfig:
-    return SFTConfig(steps=800, eval_every=400, ckpt_every=200)
+    return SFTConfig(steps=500, eval_every=250, ckpt_every=100)
 
 
 def _rft() -> RFTConfig:
-    r = RFTConfig(ckpt_every=5, image_every=5)
+    r = RFTConfig(ckpt_every=5, image_every=5, states_per_block=4)  # one WM call per step: batched rows
     # few steps instead of Table 7's 400: lrs scaled up so the policy can move in that budget
-    r.grpo.steps, r.grpo.task_instances, r.grpo.rollouts, r.grpo.warmup_steps = 12, 8, 8, 2
+    r.grpo.steps, r.grpo.task_instances, r.grpo.rollouts, r.grpo.warmup_steps = 15, 4, 8, 2
     r.grpo.lr, r.grpo.sigma_lr = 3e-5, 3e-4
     r.reward.allow_l1_only_fallback = True  # LPIPS backbone weights are rarely on a fresh laptop
     return r

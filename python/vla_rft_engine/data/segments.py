@@ -28,22 +28,23 @@ def segment_loss_mask(layout: TokenLayout, frames: int) -> torch.Tensor:
 
 @torch.no_grad()
 def build_segments(demos: dict, tok, discretizer: ActionDiscretizer, frames: int = 8, stride: int = 4,
-                   batch: int = 64, device="cpu") -> dict:
+                   batch: int = 64, device="cpu", idle_tail: bool = False) -> dict:
+    """idle_tail=False: no segment starts after the step an episode was solved (demos' `lengths`); the
+    no-op tail after success is a still image, and a few segments reaching into it are enough."""
     layout: TokenLayout = tok.layout
     video = torch.as_tensor(demos["frames"])  # (N, T+1, H, W, 3) uint8
     actions = torch.as_tensor(demos["actions"]).float()  # (N, T, 7)
     N, T1 = video.shape[:2]
     if T1 < frames:
         raise ValueError(f"episodes have {T1} frames, a segment needs {frames}; lower frames=")
-    starts = [(n, s) for n in range(N) for s in range(0, T1 - frames + 1, stride)]
+    last = torch.as_tensor(demos["lengths"]) if (not idle_tail and "lengths" in demos) else torch.full((N,), T1)
+    starts = [(n, s) for n in range(N) for s in range(0, T1 - frames + 1, stride) if s <= int(last[n])]
     ids = []
     for i in range(0, len(starts), batch):
         chunk = starts[i:i + batch]
         clip = torch.stack([video[n, s:s + frames] for n, s in chunk]).to(device)
         clip = clip.permute(0, 1, 4, 2, 3).float() / 255.0  # (b, K, 3, H, W)
-        b = clip.shape[0]
-        ctx = tok.encode_context(clip[:, 0])
-        dyn = tok.encode_dynamics(clip.flatten(0, 1), clip[:, :1].expand_as(clip).flatten(0, 1)).view(b, frames, -1)
+        ctx, dyn = tok.encode_clip(clip)
         bins = discretizer.encode(torch.stack([actions[n, s:s + frames - 1] for n, s in chunk]))
         ids.append(layout.build_segment(ctx.cpu(), dyn.cpu(), bins.cpu()))
     ids = torch.cat(ids)

@@ -199,6 +199,18 @@ class VisualTokenizer(nn.Module):
         _, _, feats = self._encode_context(context_frames)
         return self._encode_dynamics(frames, feats)[1]
 
+    @torch.no_grad()
+    def encode_clip(self, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, 3, H, W), frame 0 the context -> (context ids (B, G*G), dynamics ids (B, K, n) of all K frames).
+        Same ids as encode_context + encode_dynamics, with the context encoder run once per clip, not per frame."""
+        if clip.dim() != 5:
+            raise ValueError(f"clip must be (B, K, 3, H, W), got {tuple(clip.shape)}")
+        B, K = clip.shape[:2]
+        self._check_frames(clip.flatten(0, 1), "clip frames")
+        _, ctx_ids, feats = self._encode_context(clip[:, 0])
+        feats = [f.repeat_interleave(K, 0) for f in feats]
+        return ctx_ids, self._encode_dynamics(clip.flatten(0, 1), feats)[1].view(B, K, -1)
+
     # --- decoding ---
     def _latent_from_codes(self, ctx_codes: torch.Tensor, dyn_codes: torch.Tensor | None):
         G = self.cfg.latent_grid

@@ -24,13 +24,11 @@ the update then differs only by float reduction order (the tests use rtol 1e-4).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,71 +38,11 @@ from ..cli import parse_command
 from ..config import ConfigError, save_config, to_dict
 from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, read_jsonl
 from . import distributed as du
-from .grpo import GRPOConfig, approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
-from .rewards import RewardConfig, verified_reward
+from .grpo import approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
+from .rewards import verified_reward
+from .rft_config import CKPT_FORMAT, RFTConfig, config_hash, hashed_fields
 
 PHASES = ("encode", "sde", "wm_rollout", "decode", "reward", "update")
-RUNTIME_KEYS = {"out_dir", "stop_at", "log_every", "ckpt_every", "image_every", "resume", "progress", "device",
-                "grpo.steps"}  # may change between a run and its resume
-CKPT_FORMAT = "vla-rft-rft/1"
-
-
-@dataclass
-class RFTConfig:
-    out_dir: str = "runs/rft"
-    tokenizer: str = ""            # dir with tokenizer.pt (vla-rft pretrain-tokenizer)
-    world_model: str = ""          # HF LlamaForCausalLM dir (vla-rft pretrain-wm -> out_dir/world_model)
-    policy: str = ""               # SFT checkpoint (vla-rft sft -> out_dir/ckpt.pt)
-    demos: str = ""                # demos file (load_demos format)
-    segments: str = ""             # segments file: its action_ranges are the WM's discretizer
-    action_ranges: str = ""        # or an ActionDiscretizer json (default: WORLD_MODEL/action_ranges.json)
-    seed: int = 0
-    states_per_block: int = 1      # start states per RNG stream / WM call; must divide S / world_size
-    wm_temperature: float = 1.0    # release
-    wm_top_p: float = 0.8          # release
-    wm_top_k: int = 0              # release: off
-    wm_dtype: str = "auto"         # auto: bf16 on CUDA, fp32 on the CPU
-    wm_attn_backend: str = ""      # "" = the model's default
-    weight_decay: float = 0.0
-    stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
-    log_every: int = 1
-    ckpt_every: int = 50
-    image_every: int = 25          # PNG: reference rollout beside the best and worst sampled rollouts
-    resume: bool = True
-    progress: bool = True
-    device: str = "auto"
-    distributed: str = "ddp"       # ddp | fsdp2 (multi-process only)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-
-    def validate(self) -> None:
-        try:
-            self.grpo.validate()
-            self.reward.validate()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.states_per_block < 1:
-            raise ConfigError(f"states_per_block must be >= 1, got {self.states_per_block}")
-        if self.wm_dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"wm_dtype must be auto/fp32/bf16/fp16, got {self.wm_dtype!r}")
-        if self.distributed not in du.WRAPS:
-            raise ConfigError(f"distributed must be one of {du.WRAPS}, got {self.distributed!r}")
-        if not 0 < self.wm_top_p <= 1 or self.wm_temperature < 0:
-            raise ConfigError("wm_top_p must be in (0, 1] and wm_temperature >= 0")
-
-
-def hashed_fields(cfg: RFTConfig) -> dict:
-    """The settings that shape the run (flattened); a resume must match them."""
-    def flat(d, pre=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-    return {k: v for k, v in flat(to_dict(cfg)).items() if k not in RUNTIME_KEYS}
-
-
-def config_hash(cfg: RFTConfig) -> str:
-    return hashlib.sha256(json.dumps(hashed_fields(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class PolicyHeads(nn.Module):
@@ -203,8 +141,9 @@ class RFTRun:
                                          temperature=cfg.wm_temperature, top_p=cfg.wm_top_p, top_k=cfg.wm_top_k,
                                          generator=gen)
             with self.phase("decode", timings):
-                frames = self.tok.decode(ctx.repeat_interleave(N + 1, 0), lay.vocab_to_dynamics(tokens))
-                frames = frames.float().view(k, N + 1, *frames.shape[1:])
+                dyn = lay.vocab_to_dynamics(tokens)  # (k * (N+1), T, n): one context per start state, decoded once
+                frames = self.tok.decode(ctx, dyn.view(k, -1, dyn.shape[-1]))
+                frames = frames.float().view(k, N + 1, dyn.shape[1], *frames.shape[2:])
         with self.phase("reward", timings):
             try:
                 kw = {"policy_actions": actions, "dataset_actions": ref[:, None]} if cfg.reward.design == "r1" else (
@@ -327,6 +266,8 @@ def build(cfg: RFTConfig, d: du.Dist) -> RFTRun:
     wm = load_world_model(cfg.world_model, dev, dtype, cfg.wm_attn_backend or None)
     disc = load_discretizer(cfg.world_model, cfg.segments, cfg.action_ranges)
     policy = load_sft_policy(cfg.policy, dev)
+    if cfg.sigma_init > 0:  # before the optimizer and any resume: a resumed run loads its trained Sigma Net over it
+        policy.sigma_net.reset_sigma(cfg.sigma_init)
     from ..data.demos import load_demos
     pool = StartStates(load_demos(require(cfg.demos, "demos")), policy.cfg.chunk_len, tok.cfg.image_size)
     lp = None

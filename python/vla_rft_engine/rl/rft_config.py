@@ -1,0 +1,74 @@
+"""`vla-rft rft`'s config and the hash a resumed run must match (see rl/rft.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, to_dict
+from . import distributed as du
+from .grpo import GRPOConfig
+from .rewards import RewardConfig
+
+RUNTIME_KEYS = {"out_dir", "stop_at", "log_every", "ckpt_every", "image_every", "resume", "progress", "device",
+                "grpo.steps"}  # may change between a run and its resume
+CKPT_FORMAT = "vla-rft-rft/1"
+
+
+@dataclass
+class RFTConfig:
+    out_dir: str = "runs/rft"
+    tokenizer: str = ""            # dir with tokenizer.pt (vla-rft pretrain-tokenizer)
+    world_model: str = ""          # HF LlamaForCausalLM dir (vla-rft pretrain-wm -> out_dir/world_model)
+    policy: str = ""               # SFT checkpoint (vla-rft sft -> out_dir/ckpt.pt)
+    demos: str = ""                # demos file (load_demos format)
+    segments: str = ""             # segments file: its action_ranges are the WM's discretizer
+    action_ranges: str = ""        # or an ActionDiscretizer json (default: WORLD_MODEL/action_ranges.json)
+    seed: int = 0
+    sigma_init: float = 0.0        # > 0: restart the Sigma Net at this std (normalised units); 0: the checkpoint's
+    states_per_block: int = 1      # start states per RNG stream / WM call; must divide S / world_size
+    wm_temperature: float = 1.0    # release
+    wm_top_p: float = 0.8          # release
+    wm_top_k: int = 0              # release: off
+    wm_dtype: str = "auto"         # auto: bf16 on CUDA, fp32 on the CPU
+    wm_attn_backend: str = ""      # "" = the model's default
+    weight_decay: float = 0.0
+    stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
+    log_every: int = 1
+    ckpt_every: int = 50
+    image_every: int = 25          # PNG: reference rollout beside the best and worst sampled rollouts
+    resume: bool = True
+    progress: bool = True
+    device: str = "auto"
+    distributed: str = "ddp"       # ddp | fsdp2 (multi-process only)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def validate(self) -> None:
+        try:
+            self.grpo.validate()
+            self.reward.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.states_per_block < 1:
+            raise ConfigError(f"states_per_block must be >= 1, got {self.states_per_block}")
+        if self.wm_dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"wm_dtype must be auto/fp32/bf16/fp16, got {self.wm_dtype!r}")
+        if self.distributed not in du.WRAPS:
+            raise ConfigError(f"distributed must be one of {du.WRAPS}, got {self.distributed!r}")
+        if not 0 < self.wm_top_p <= 1 or self.wm_temperature < 0:
+            raise ConfigError("wm_top_p must be in (0, 1] and wm_temperature >= 0")
+
+
+def hashed_fields(cfg: RFTConfig) -> dict:
+    """The settings that shape the run (flattened); a resume must match them."""
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+    return {k: v for k, v in flat(to_dict(cfg)).items() if k not in RUNTIME_KEYS}
+
+
+def config_hash(cfg: RFTConfig) -> str:
+    return hashlib.sha256(json.dumps(hashed_fields(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
