@@ -20,8 +20,11 @@ def tiny_policy(**kw):
     return pol
 
 
+Z = 16 + 2 * 4  # the default (v2) small encoder's z: 16 features + x, y of 4 instruction queries
+
+
 def cond(B=3):
-    return torch.randn(B, 16), torch.randn(B, P)
+    return torch.randn(B, Z), torch.randn(B, P)
 
 
 def test_log_prob_equals_normal_on_chain():
