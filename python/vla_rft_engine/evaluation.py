@@ -70,7 +70,7 @@ def success_table(records: list[dict], settings: list[str], seeds: list[int]) ->
     return table
 
 
-def table_markdown(table: dict, seeds: list[int], task: str, episodes: int) -> str:
+def table_markdown(table: dict, seeds: list[int], task: str, episodes: int, reward: str = "r3") -> str:
     cols = list(table)
     head = "| Policy | " + " | ".join(SETTING_NAMES.get(c, c) for c in cols) + " | Avg |"
     sep = "|---" * (len(cols) + 2) + "|"
@@ -80,7 +80,7 @@ def table_markdown(table: dict, seeds: list[int], task: str, episodes: int) -> s
         return f"| {label} | " + " | ".join(fmt.format(v) for v in vals) + " | " + fmt.format(np.mean(vals)) + " |"
     lines = [f"Success rate (%) on `{task}`, {episodes} episodes per setting and seed, mean over seeds "
              f"{', '.join(map(str, seeds))} (real environment, episodes unseen in training).", "", head, sep,
-             row("SFT", "sft"), row("RFT (R3)", "rft"), row("Δ", "delta", "{:+.1f}"), "", "Per seed (SFT → RFT):", "",
+             row("SFT", "sft"), row(f"RFT ({reward.upper()})", "rft"), row("Δ", "delta", "{:+.1f}"), "", "Per seed (SFT → RFT):", "",
              "| Seed | " + " | ".join(SETTING_NAMES.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for s in seeds:
         lines.append(f"| {s} | " + " | ".join(f"{table[c]['per_seed'][s]['sft']:.0f} → {table[c]['per_seed'][s]['rft']:.0f}"
@@ -114,7 +114,7 @@ def write_report(qs) -> dict:
     c, out, p = qs.cfg, qs.out, qs.paths
     records = json.loads(p["eval"].read_text())
     table = success_table(records, c.settings, c.seeds)
-    md = table_markdown(table, c.seeds, c.task, c.eval_episodes)
+    md = table_markdown(table, c.seeds, c.task, c.eval_episodes, c.rft.reward.design)
     state = json.loads(qs.state_path.read_text()) if qs.state_path.is_file() else {}
     times = {k: v["wall_s"] for k, v in state.get("stages", {}).items()}
     (out / "results.md").write_text(md)
@@ -125,7 +125,7 @@ def write_report(qs) -> dict:
         curves[f"seed {s}"] = ([r["step"] for r in rows], [r["reward/mean"] for r in rows])
     steps = max((v[0] for v in curves.values()), key=len)
     save_curve(steps, {k: v[1][:len(steps)] + [float("nan")] * (len(steps) - len(v[1])) for k, v in curves.items()},
-               out / "reward_curve.png", title="RFT mean verified reward (R3) per step")
+               out / "reward_curve.png", title=f"RFT mean verified reward ({c.rft.reward.design.upper()}) per step")
     # world model beside the real environment on unseen expert episodes (dataset actions)
     held = collect_demos(c.task, 4, seed=c.eval_seed + 999, image_size=c.image_size)
     from .data.demos import save_demos
