@@ -29,6 +29,7 @@ def evaluate_checkpoints(ckpts: dict, task: str, settings: list[str], seeds: lis
     one on all seeds. Results are appended to `cache` (JSON) as they finish, so a killed run resumes."""
     from .data.demos import evaluate_policy
     from .train.sft import load_policy
+    from .utils import atomic_write_text
     cache = Path(cache)
     done = json.loads(cache.read_text()) if cache.is_file() else []
     have = {(r["policy"], r["setting"], r["seed"]) for r in done}
@@ -48,9 +49,7 @@ def evaluate_checkpoints(ckpts: dict, task: str, settings: list[str], seeds: lis
                             num_episodes=episodes, seed=eval_seed + s, image_size=image_size)
         done.append({"policy": name, "setting": st, "seed": s, "success_rate": r["success_rate"],
                      "episodes": episodes, "successes": int(sum(e["success"] for e in r["episodes"]))})
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(done, indent=1))
-        tmp.replace(cache)
+        atomic_write_text(cache, json.dumps(done, indent=1))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -108,8 +107,9 @@ def action_samples(ckpt: Path, demos: dict, max_states: int = 256) -> np.ndarray
 
 def write_report(qs) -> dict:
     """results.json / results.md and the PNGs, from a Quickstart whose earlier stages are done."""
-    from .data.demos import collect_demos
-    from .utils import read_jsonl
+    from .data.demos import collect_demos, save_demos
+    from .train import wm_eval
+    from .utils import atomic_write_text, read_jsonl
     from .viz import save_curve, save_histograms
     c, out, p = qs.cfg, qs.out, qs.paths
     records = json.loads(p["eval"].read_text())
@@ -117,7 +117,7 @@ def write_report(qs) -> dict:
     md = table_markdown(table, c.seeds, c.task, c.eval_episodes, c.rft.reward.design)
     state = json.loads(qs.state_path.read_text()) if qs.state_path.is_file() else {}
     times = {k: v["wall_s"] for k, v in state.get("stages", {}).items()}
-    (out / "results.md").write_text(md)
+    atomic_write_text(out / "results.md", md)
     # reward curves, one line per seed
     curves = {}
     for s in c.seeds:
@@ -128,9 +128,7 @@ def write_report(qs) -> dict:
                out / "reward_curve.png", title=f"RFT mean verified reward ({c.rft.reward.design.upper()}) per step")
     # world model beside the real environment on unseen expert episodes (dataset actions)
     held = collect_demos(c.task, 4, seed=c.eval_seed + 999, image_size=c.image_size)
-    from .data.demos import save_demos
     save_demos(held, out / "heldout_demos.pt")
-    from .train import wm_eval
     wm_eval.main([f"wm={p['world_model'] / 'world_model'}", f"tokenizer={p['tokenizer']}",
                   f"demos={out / 'heldout_demos.pt'}", f"out_dir={out / 'wm_eval'}", "episodes=4",
                   f"device={c.device}"])
@@ -148,7 +146,7 @@ def write_report(qs) -> dict:
            "avg_delta": float(np.mean([v["delta"] for v in table.values()])), "records": records,
            "rft": state.get("stages", {}).get("rft", {}).get("result"), "world_model_eval": wm_metrics,
            "stage_wall_s": times}
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str))
     return {"avg_delta": res["avg_delta"], "standard_sft": table[c.settings[0]]["sft"],
             "standard_rft": table[c.settings[0]]["rft"]}
 

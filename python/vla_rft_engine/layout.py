@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .utils import atomic_write_text
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -171,10 +173,7 @@ class ActionDiscretizer:
         return {"low": self.low.tolist(), "high": self.high.tolist(), "num_bins": self.num_bins}
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.state_dict(), indent=2))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.state_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "ActionDiscretizer":

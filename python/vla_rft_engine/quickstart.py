@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from .cli import parse_command
-from .config import ConfigError, save_config, to_dict
+from .config import ConfigError, flat_dict, save_config, to_dict
 from .rl.rft import RFTConfig
 from .train.sft import SFTConfig
 from .train.tokenizer import TokenizerTrainConfig
 from .train.world_model import WMTrainConfig
+from .utils import atomic_write_text
 
 STAGES = ("demos", "tokenizer", "world_model", "sft", "rft", "evaluate", "report")
 RUNTIME_KEYS = ("progress", "device")  # may change between a run and its resume
@@ -97,6 +98,11 @@ class QuickstartConfig:
 
 
 # ---- stages -------------------------------------------------------------------------------------
+def _scalars(res: dict) -> dict:
+    """A stage's result as it goes into quickstart_state.json: its plain numbers and strings."""
+    return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+
+
 class Quickstart:
     def __init__(self, cfg: QuickstartConfig):
         self.cfg, self.out = cfg, Path(cfg.out_dir)
@@ -145,8 +151,7 @@ class Quickstart:
 
     def stage_tokenizer(self) -> dict:
         from .train.tokenizer import train
-        res = train(self._stage_cfgs()[0])
-        return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+        return _scalars(train(self._stage_cfgs()[0]))
 
     def stage_world_model(self) -> dict:
         from .train.world_model import train
@@ -154,8 +159,7 @@ class Quickstart:
 
     def stage_sft(self) -> dict:
         from .train.sft import train
-        res = train(self._stage_cfgs()[2])
-        return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+        return _scalars(train(self._stage_cfgs()[2]))
 
     def stage_rft(self) -> dict:
         from .rl.rft import train
@@ -190,7 +194,7 @@ class Quickstart:
                 "report": [self.out / "results.json", self.out / "results.md"]}[stage]
 
     def _check_resume(self, state: dict) -> None:
-        old, new = state.get("config", {}), to_dict(self.cfg)
+        old, new = flat_dict(state.get("config", {})), flat_dict(to_dict(self.cfg))
         diff = [k for k in sorted(set(old) | set(new)) if k not in RUNTIME_KEYS and old.get(k) != new.get(k)]
         if old and diff:
             raise ConfigError(f"{self.out} holds a quickstart run with a different config (keys: {', '.join(diff)}); "
@@ -217,9 +221,8 @@ class Quickstart:
             t0 = time.time()
             result = getattr(self, f"stage_{name}")()
             state["stages"][name] = {"wall_s": round(time.time() - t0, 1), "result": result}
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=1, default=str))
-            tmp.replace(self.state_path)  # atomic: a killed run redoes at most the stage it was in
+            # atomic: a killed run redoes at most the stage it was in
+            atomic_write_text(self.state_path, json.dumps(state, indent=1, default=str))
             print(f"[quickstart {i + 1}/{len(STAGES)}] {name}: {state['stages'][name]['wall_s']} s", flush=True)
         state["this_run_s"] = round(time.time() - t_all, 1)
         return state

@@ -31,16 +31,26 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a killed run never leaves half a file."""
+def _atomic_write(path: str | Path, write) -> None:
+    """write(f) to a temp file in the same folder, fsync, then rename: a killed run never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save, atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Path.write_text, atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint", map_location="cpu") -> dict:

@@ -103,17 +103,15 @@ class SigmaNet(ChunkDiT):
         if not (0 < sigma_min < sigma_max):
             raise ValueError(f"Sigma Net bounds need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, "
                              f"sigma_max={sigma_max}")
-        if not (sigma_min < sigma_init < sigma_max):
-            raise ValueError(f"sigma_init={sigma_init} must lie strictly inside ({sigma_min}, {sigma_max})")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.log_min, self.log_max = math.log(sigma_min), math.log(sigma_max)
         self.reset_sigma(sigma_init)
 
     @torch.no_grad()
     def reset_sigma(self, sigma: float) -> None:
         """Output exactly `sigma` for every input (output layer zeroed, bias at the matching logit)."""
-        lo, hi = math.exp(self.log_min), math.exp(self.log_max)
-        if not lo < sigma < hi:
-            raise ValueError(f"sigma={sigma} must lie strictly inside ({lo:g}, {hi:g})")
+        if not self.sigma_min < sigma < self.sigma_max:
+            raise ValueError(f"sigma_init={sigma} must lie strictly inside ({self.sigma_min}, {self.sigma_max})")
         frac = (math.log(sigma) - self.log_min) / (self.log_max - self.log_min)
         nn.init.zeros_(self.out.weight)
         nn.init.constant_(self.out.bias, math.log(frac / (1 - frac)))

@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, to_dict
+from ..config import ConfigError, flat_dict, to_dict
 from . import distributed as du
 from .grpo import GRPOConfig
 from .rewards import RewardConfig
@@ -62,12 +62,7 @@ class RFTConfig:
 
 def hashed_fields(cfg: RFTConfig) -> dict:
     """The settings that shape the run (flattened); a resume must match them."""
-    def flat(d, pre=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-    return {k: v for k, v in flat(to_dict(cfg)).items() if k not in RUNTIME_KEYS}
+    return {k: v for k, v in flat_dict(to_dict(cfg)).items() if k not in RUNTIME_KEYS}
 
 
 def config_hash(cfg: RFTConfig) -> str:

@@ -66,10 +66,8 @@ def masked_nll(wm: WorldModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.T
     B, L = x.shape
     h = wm.hidden(x, torch.arange(L, device=x.device).expand(B, L))
     m = mask[:, 1:]
-    if not m.any():
-        return h.sum() * 0.0
-    logits = wm.output(h[m])
-    return F.cross_entropy(logits.float(), ids[:, 1:][m])
+    nll = F.cross_entropy(wm.output(h[m]).float(), ids[:, 1:][m], reduction="sum")
+    return nll / m.sum().clamp_min(1)  # no masked target: 0, not NaN
 
 
 def _segments_from_demos(cfg: WMTrainConfig, out: Path, dev) -> dict:
