@@ -1,4 +1,4 @@
-"""One full RFT step (rl/rft.py RFTRun.step) by phase: encode, sde, wm_rollout, decode, reward, update.
+"""One full RFT step (rl/rft.py RFTRun.step) by phase: encode, sde, wm_rollout (imagine: rollout + decode), reward, update.
 Median over repeats of each phase's wall time, peak memory (CUDA: per phase; CPU: process peak RSS), NVTX
 ranges `rft.<phase>` around every phase (visible under Nsight). One JSON record.
 
@@ -39,6 +39,7 @@ def build_run(shape: dict, device: torch.device, wm_dtype: torch.dtype, lpips: b
     from vla_rft_engine.layout import ActionDiscretizer
     from vla_rft_engine.models.policy import PolicyConfig, VLAPolicy
     from vla_rft_engine.models.tokenizer import TokenizerConfig, VisualTokenizer
+    from vla_rft_engine.models.world import LearnedWorld
     from vla_rft_engine.models.world_model import WorldModel, WorldModelConfig, init_weights
     from vla_rft_engine.rl import distributed as du
     from vla_rft_engine.rl.lpips import LPIPS
@@ -66,7 +67,8 @@ def build_run(shape: dict, device: torch.device, wm_dtype: torch.dtype, lpips: b
     d = du.Dist(device=device)
     lp = LPIPS("alex").to(device) if lpips else None  # random backbone: same cost as the ImageNet one
     pool = StartStates(demos, shape["chunk"], shape["image"])
-    return RFTRun(cfg, d, policy, wm, tok, ActionDiscretizer.from_dataset(acts), pool, lp), wm
+    world = LearnedWorld(tok, wm, ActionDiscretizer.from_dataset(acts))
+    return RFTRun(cfg, d, policy, world, pool, lp), wm
 
 
 def main(argv=None) -> int:

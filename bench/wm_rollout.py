@@ -7,9 +7,10 @@ whole prefix re-sent), same weights, same batch, same run. One JSON record.
 Defaults by device (every one can be changed by its flag):
   CPU  small preset, fp32, eager backend (the CPU decode path), 2 start states x 17 rollouts (16 sampled
        + 1 reference, as in RFT), 8 frames of 64 tokens, 327-token prompt = the built-in tokenizer's layout
-       (256 context + 64 dynamics + 7 action tokens). 2 start states, not 16: the baseline alone runs
+       (256 context + 64 dynamics shared by a group + each rollout's own 7 a_0 tokens, Eq. 10). 2 start states, not 16: the baseline alone runs
        minutes at this size on one core; --budget-s caps the baseline's repeats to keep the run short.
-  CUDA paper preset, bf16, triton, 16 start states x 17 rollouts, 8 frames, 1095-token prompt (paper layout).
+  CUDA paper preset, bf16, triton, 16 start states x 17 rollouts, 8 frames, 1095-token prompt (paper layout:
+       1088 shared + 7 own). The baseline re-sends each rollout's whole 1095-token prompt per frame.
 Rollouts/s counts one (start state, sample) rollout of `frames` frames. Both sides report a phase
 breakdown: ours prefill / sampling / decode steps / action steps, the baseline prefill (the re-sent prefix,
 per frame) / decode (read off the logits processor's first call in each generate). On CUDA the record also gives the
@@ -94,7 +95,10 @@ def main(argv=None) -> int:
         wm = WorldModel.from_pretrained(d, dtype=dtype, device=dev, attn_backend=backend)
         hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()
     g = torch.Generator().manual_seed(0)
-    prompt = torch.cat([torch.randint(4375, 8750, (G, P - 7), generator=g), torch.randint(8750, 9006, (G, 7), generator=g)], 1).to(dev)
+    # RFT layout (Eq. 10): ctx + dyn0 shared by a group, each rollout's own a_0 ends its prompt
+    prompt = torch.randint(4375, 8750, (G, P - 7), generator=g).to(dev)
+    own_a0 = torch.randint(8750, 9006, (G * N, 7), generator=g).to(dev)
+    full_prompts = torch.cat([prompt.repeat_interleave(N, 0), own_a0], 1)  # what the per-frame protocol re-sends
     acts = torch.randint(8750, 9006, (G * N, T - 1, 7), generator=g).to(dev)
     sampling = dict(temperature=1.0, top_p=0.8)  # the release's serving settings
 
@@ -104,13 +108,13 @@ def main(argv=None) -> int:
         phases_ours.append({})
         with nvtx_range("bench.ours"):
             engine_rollout(wm, prompt, acts, tokens_per_frame=Fr, num_samples=N, timings=None if cuda else phases_ours[-1],
-                           generator=torch.Generator(device=dev).manual_seed(1), **sampling)
+                           generator=torch.Generator(device=dev).manual_seed(1), row_prompt_ids=own_a0, **sampling)
 
     def authors():
         phases_auth.append({})
         with nvtx_range("bench.authors"):
             with torch.no_grad():
-                hf_frame_by_frame(hf, prompt, acts, Fr, cfg.num_codes, num_samples=N, do_sample=True,
+                hf_frame_by_frame(hf, full_prompts, acts, Fr, cfg.num_codes, num_samples=1, do_sample=True,
                                   timings=phases_auth[-1], **sampling)
 
     def timed(fn):
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
 
     # warm-up: ours on one frame (weights packing, first-call costs); the baseline only on CUDA, on the CPU it
     # is too slow to run for nothing. Then the sides alternate, so a load change on a shared machine hits both.
-    engine_rollout(wm, prompt, acts[:, :0], tokens_per_frame=Fr, num_samples=N, **sampling)
+    engine_rollout(wm, prompt, acts[:, :0], tokens_per_frame=Fr, num_samples=N, row_prompt_ids=own_a0, **sampling)
     if cuda:
         timed(authors)
         phases_auth.clear()

@@ -18,7 +18,7 @@ def hf_frame_by_frame(hf_model, prompt_ids, action_ids, tokens_per_frame: int, n
 
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from vla_rft_engine.utils import nvtx_range
+    from .nvtx import nvtx_range
 
     class DynamicsOnly(LogitsProcessor):
         first: float | None = None

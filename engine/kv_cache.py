@@ -56,7 +56,7 @@ class RolloutCache:
         if self.backend == "triton":
             from vla_rft_engine.kernels.rotary_kv import rotary_kv
             return rotary_kv(q, k, v, cos, sin, ck, cv, write_pos)
-        from vla_rft_engine.models.world_model import apply_rotary
+        from vla_rft_engine.kernels.rotary_kv import apply_rotary
         L = q.shape[1]
         idx = write_pos[:1] + torch.arange(L, device=q.device)  # rows share the slot within each cache
         ck.index_copy_(2, idx, apply_rotary(k, cos, sin).transpose(1, 2).to(ck.dtype))

@@ -1,9 +1,14 @@
 """Interactive world-model rollouts: prompt prefilled once per group, per-frame decode, action prefill.
 
-    frames = rollout(wm, prompt_ids, action_ids, tokens_per_frame=64, num_samples=N, temperature=1.0, top_p=0.8)
+    frames = rollout(wm, prompt_ids, action_ids, tokens_per_frame=64, num_samples=N, temperature=1.0, top_p=0.8,
+                     row_prompt_ids=first_actions)
 
-prompt_ids (G, P): context frame + first dynamics frame + first action (1095 tokens at paper sizes),
+prompt_ids (G, P): the part of the prompt a group's N samples share, prefilled and stored once per group,
 RIGHT-padded when ragged, with prompt_lengths (G,) giving each row's true length (padding ignored).
+row_prompt_ids (G*N, L), optional: each sample's own end of the prompt, fed after the shared part and before
+the first generated frame. RFT (Eq. 10): shared = context frame + first dynamics frame (1088 tokens at paper
+sizes), own = the rollout's first action a_0 (7 tokens), so the policy's a_0 reaches the first frame.
+Without it the whole prompt (e.g. ctx + dyn + a_0, 1095 tokens) is shared.
 action_ids (G, T-1, A) shared by a group's samples, or (G*N, T-1, A) one sequence per sample (RFT: each
 sampled action chunk gets its own rollout); action t is appended after generated frame t.
 Returns frame tokens (G*N, T, F) (samples of one prompt adjacent), and log-probs (G*N, T, F) when asked.
@@ -19,12 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from vla_rft_engine.utils import nvtx_range
+from .nvtx import nvtx_range
 
 from .kv_cache import RolloutCache
 
 
-def _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples, prompt_lengths, max_seq_len):
+def _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples, prompt_lengths, max_seq_len,
+                  row_prompt_ids):
     cfg = wm.config
     if not torch.is_tensor(prompt_ids) or prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be a (batch, prompt_len) integer tensor, got "
@@ -45,11 +51,18 @@ def _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples, pro
     valid = torch.arange(P)[None, :] < lens[:, None]
     wm.check_ids(prompt_ids.cpu()[valid], "prompt_ids")
     wm.check_ids(action_ids, "action_ids")
+    R = 0
+    if row_prompt_ids is not None:
+        if not torch.is_tensor(row_prompt_ids) or row_prompt_ids.dim() != 2 or row_prompt_ids.shape[0] != G * num_samples:
+            raise ValueError(f"row_prompt_ids must be (batch * num_samples = {G * num_samples}, length), one prompt "
+                             f"end per rollout, got {tuple(row_prompt_ids.shape) if torch.is_tensor(row_prompt_ids) else type(row_prompt_ids)}")
+        wm.check_ids(row_prompt_ids, "row_prompt_ids")
+        R = row_prompt_ids.shape[1]
     T, A = action_ids.shape[1] + 1, action_ids.shape[2]
-    S = T * tokens_per_frame + (T - 1) * A
+    S = R + T * tokens_per_frame + (T - 1) * A
     limit = min(cfg.max_position, max_seq_len or cfg.max_position)
     if P + S > limit:
-        raise ValueError(f"prompt ({P} tokens) + rollout ({T} frames x {tokens_per_frame} + {T - 1} actions x {A} = {S}) "
+        raise ValueError(f"prompt ({P} + {R} tokens) + rollout ({T} frames x {tokens_per_frame} + {T - 1} actions x {A} = {S}) "
                          f"= {P + S} tokens exceeds the cache/positions limit {limit}; shorten the prompt or the rollout")
     return G, P, T, A, S, lens, valid
 
@@ -129,12 +142,13 @@ class _Clock:
 def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples: int = 1, temperature: float = 1.0,
             top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None, return_logprobs: bool = False,
             prompt_lengths=None, use_cuda_graph: bool | None = None, max_seq_len: int | None = None,
-            backend: str | None = None, cpu_fast: bool | None = None, timings: dict | None = None):
+            backend: str | None = None, cpu_fast: bool | None = None, timings: dict | None = None,
+            row_prompt_ids: torch.Tensor | None = None):
     """See the module docstring. `timings` (a dict) receives seconds per phase: prefill_s, sample_s (noise +
     sampling), decode_s (single-token steps), action_s (frame-end + action steps), setup_s."""
     cfg = wm.config
     G, P, T, A, S, lens, valid = _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples,
-                                               prompt_lengths, max_seq_len)
+                                               prompt_lengths, max_seq_len, row_prompt_ids)
     dev = wm.output.weight.device
     dtype = wm.output.weight.dtype
     backend = backend or cfg.attn_backend
@@ -154,8 +168,9 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
     with nvtx_range("wm.prefill"):  # once per group, not per sample
         pos = torch.arange(P, device=dev).expand(G, P)
         h = wm.hidden(prompt, pos, cache)
-        head = wm.output.weight[:cfg.num_codes]  # the head over dynamics codes only: the rest would be masked
-        logits = torch.nn.functional.linear(h[torch.arange(G, device=dev), lens_d - 1], head).repeat_interleave(N, 0)
+        if row_prompt_ids is None:
+            head = wm.output.weight[:cfg.num_codes]  # the head over dynamics codes only: the rest would be masked
+            logits = torch.nn.functional.linear(h[torch.arange(G, device=dev), lens_d - 1], head).repeat_interleave(N, 0)
     cache.mode = "decode"
     clock.lap("prefill_s")
     if use_cuda_graph is None:
@@ -173,6 +188,10 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
     from vla_rft_engine.kernels.sampling import gumbel_noise
     noise_buf = None if greedy else torch.empty((B, cfg.num_codes), device=dev)
     clock.lap("setup_s")
+    if row_prompt_ids is not None:  # each sample's own prompt end (its a_0), one chunk into its suffix
+        with nvtx_range("wm.row_prompt"):
+            logits = step(row_prompt_ids.to(dev))
+        clock.lap("prefill_s")
     for t in range(T):
         with nvtx_range(f"wm.frame{t}"):
             for f in range(F):

@@ -70,8 +70,18 @@ def test_segments_and_wm_eval_end_to_end(tmp_path):
     assert seg["ids"].shape == (6, lay.context_tokens + 3 * lay.dynamics_tokens + 2 * 7)
     wm = init_weights(WorldModel(WorldModelConfig.preset("tiny", vocab_size=lay.vocab_size, num_codes=lay.num_codes)))
     wm.save_pretrained(tmp_path / "wm")
+    ActionDiscretizer.from_dataset(torch.as_tensor(demos["actions"])).save(tmp_path / "wm" / "action_ranges.json")
     assert wm_eval([f"wm={tmp_path / 'wm'}", f"tokenizer={tmp_path / 'tok'}", f"demos={tmp_path / 'demos.pt'}",
                     f"out_dir={tmp_path / 'ev'}", "frames=3", "device=cpu"]) == 0
     res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert res["frames"] == 3 and res["mse"] >= 0 and np.isfinite(res["psnr"])
+    assert res["own_vs_swapped_mean_abs"] > 0 and np.isfinite(res["moving_l1_ratio"])  # random WM: actions matter
     assert (tmp_path / "ev" / "rollouts.png").is_file()
+    # an action-blind world model (every action token embeds alike): swapped actions change nothing
+    off = lay.action_offset
+    wm.tok_embeddings.weight.data[off:off + lay.num_action_bins] = wm.tok_embeddings.weight.data[off]
+    wm.save_pretrained(tmp_path / "wm")
+    assert wm_eval([f"wm={tmp_path / 'wm'}", f"tokenizer={tmp_path / 'tok'}", f"demos={tmp_path / 'demos.pt'}",
+                    f"out_dir={tmp_path / 'ev2'}", "frames=3", "device=cpu"]) == 0
+    blind = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert blind["own_vs_swapped_mean_abs"] == 0 and blind["moving_l1_ratio"] == pytest.approx(1.0)

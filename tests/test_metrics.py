@@ -37,3 +37,28 @@ def test_lpips_missing_weights_error(tmp_path, monkeypatch):
         metrics.load_lpips("alex", required=True)
     with pytest.raises(ValueError, match="alex"):
         metrics.load_lpips("resnet")
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from vla_rft_engine.metrics import spearman
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (6, 9), generator=g).float()  # ties included
+    y = torch.randn(6, 9, generator=g)
+    ours = spearman(x, y)
+    for i in range(6):
+        assert float(ours[i]) == pytest.approx(stats.spearmanr(x[i].numpy(), y[i].numpy()).statistic, abs=1e-9)
+    assert torch.isnan(spearman(torch.ones(1, 4), torch.arange(4.0)[None]))[0]  # constant rewards: undefined
+
+
+def test_moving_mask_and_masked_l1_by_hand():
+    from vla_rft_engine.metrics import masked_l1, moving_mask
+    start = torch.zeros(1, 3, 4, 4)
+    real = torch.zeros(1, 2, 3, 4, 4)
+    real[0, 0, 1, 2, 3] = 0.5  # one pixel moved in frame 0, in one channel
+    real[0, 1, :, 0, 0] = 0.05  # below the threshold
+    m = moving_mask(real, start)
+    assert m.shape == (1, 2, 1, 4, 4) and m.sum() == 1 and m[0, 0, 0, 2, 3]
+    pred = real.clone()
+    pred[0, 0, :, 2, 3] += torch.tensor([0.3, 0.0, 0.3])
+    assert float(masked_l1(pred, real, m)) == pytest.approx(0.2)  # (0.3 + 0 + 0.3) / 3 channels

@@ -1,4 +1,5 @@
 """pretrain-wm straight from demos + tokenizer: segments built here, action ranges saved beside the model."""
+import pytest
 import torch
 
 from vla_rft_engine.cli import main as cli
@@ -73,3 +74,43 @@ def test_masked_nll_equals_full_logits_reference():
     nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     ref = (nll * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
     torch.testing.assert_close(masked_nll(wm, ids, mask), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_change_weighted_nll_by_hand():
+    """change_weight: targets that differ from the token one frame back weigh 1 + w (a loop over positions)."""
+    import torch.nn.functional as F
+    from vla_rft_engine.models.world_model import WorldModelConfig, init_weights
+    from vla_rft_engine.train.world_model import masked_nll
+    wm = init_weights(WorldModel(WorldModelConfig.preset("tiny", vocab_size=300, num_codes=20)), seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 4, (2, 30), generator=g)  # few values: many unchanged tokens
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[:, 12:] = True  # targets from position 12 on; frame_step 5 looks back into the sequence
+    logits = wm.forward_logits(ids[:, :-1])
+    num = den = 0.0
+    for b in range(2):
+        for i in range(1, 30):
+            if mask[b, i]:
+                w = 1.0 + 3.0 * float(ids[b, i] != ids[b, i - 5])
+                num += w * float(F.cross_entropy(logits[b, i - 1][None], ids[b, i][None]))
+                den += w
+    got = masked_nll(wm, ids, mask, change_weight=3.0, frame_step=5)
+    assert float(got) == pytest.approx(num / den, rel=1e-5)
+    assert not torch.isclose(got, masked_nll(wm, ids, mask))  # the weighting changes the loss
+
+
+def test_structured_token_init_follows_digits_and_bins():
+    from vla_rft_engine.models.world_model import WorldModelConfig, init_weights
+    from vla_rft_engine.train.world_model import structured_token_init
+    lay = TokenizerConfig(levels=[8, 6, 5]).layout()
+    wm = init_weights(WorldModel(WorldModelConfig.preset("tiny", vocab_size=lay.vocab_size, num_codes=lay.num_codes)))
+    structured_token_init(wm, lay, [8, 6, 5])
+    e = wm.tok_embeddings.weight
+    act = e[lay.action_offset:lay.action_offset + 256]
+    near = (act[100] - act[101]).norm()
+    far = (act[10] - act[245]).norm()
+    assert far > 5 * near  # neighbouring bins start close, opposite ends far apart
+    dyn = e[lay.dynamics_offset:lay.dynamics_offset + lay.num_codes]
+    one_digit = (dyn[0] - dyn[1]).norm()  # ids 0 and 1 differ in the first digit by one level
+    all_digits = (dyn[0] - dyn[lay.num_codes - 1]).norm()
+    assert all_digits > 2 * one_digit

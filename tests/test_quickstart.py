@@ -24,11 +24,17 @@ def test_every_stage_leaves_its_artifacts(run_dir):
     state = json.loads((run_dir / "quickstart_state.json").read_text())
     assert list(state["stages"]) == list(STAGES)
     for f in ("demos.pt", "tokenizer/tokenizer.pt", "world_model/world_model/config.json",
-              "world_model/world_model/action_ranges.json", "sft/ckpt.pt", "rft/seed0/ckpt.pt", "rft/seed2/ckpt.pt",
+              "world_model/world_model/action_ranges.json", "world_model/world_model/world.json",
+              "world_model/world_model/tokenizer/tokenizer.pt", "wm_eval/metrics.json", "sft/ckpt.pt", "rft/seed0/ckpt.pt", "rft/seed2/ckpt.pt",
               "results.json", "results.md", "reward_curve.png", "wm_rollout.png", "action_distributions.png"):
         assert (run_dir / f).is_file(), f
     res = json.loads((run_dir / "results.json").read_text())
     assert set(res["table"]) == {"none", "all_major"}
+    ci = res["gain_ci95"]  # paired bootstrap over every (setting, seed) episode pair
+    assert ci["lo"] <= ci["mean"] <= ci["hi"] and ci["episodes"] == 2 * 3 * 1
+    assert set(res["rft_signal"]) == {"seed0", "seed1", "seed2"}
+    wm = res["world_model_eval"]
+    assert wm["moving_l1_ratio"] > 0 and "moving_l1_swapped" in wm
     for row in res["table"].values():  # mean over seeds of the per-seed numbers, delta = rft - sft
         per = row["per_seed"]
         assert set(per) == {"0", "1", "2"}
@@ -38,7 +44,8 @@ def test_every_stage_leaves_its_artifacts(run_dir):
     pols = {(r["policy"], r["seed"]) for r in res["records"]}
     assert ("rft_seed1", 1) in pols and ("rft_seed1", 0) not in pols and ("sft", 0) in pols
     md = (run_dir / "results.md").read_text()
-    assert "| SFT |" in md and "| RFT (R3) |" in md and "Per seed" in md
+    assert "| SFT |" in md and "| RFT (R3) |" in md and "Per seed" in md and "paired bootstrap 95% interval" in md
+    assert "Reward: R3" in md and "L1 only" in md  # the tests have no LPIPS backbone weights
 
 
 def test_rerun_resumes_and_redoes_a_missing_stage(run_dir, capsys):

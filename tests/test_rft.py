@@ -114,15 +114,20 @@ def test_reference_shares_the_wm_batch(stage, tmp_path, monkeypatch):
     cfg = cfg_for(stage, tmp_path, "grpo.steps=2", "states_per_block=2")
     run = rft.build(cfg, rft.du.init("cpu"))
     rft.train(cfg, run)
-    assert len(calls) == 2  # one call per step: 2 start states x (3 policy + 1 reference) samples
+    assert len(calls) == 2  # one call per step: 2 start states x (3 policy + 2 re-samples + 1 reference)
     prompt, acts, kw = calls[0]
-    assert kw["num_samples"] == 4 and kw["top_p"] == 0.8 and kw["temperature"] == 1.0
-    assert prompt.shape == (2, run.layout.prompt_tokens) and acts.shape == (8, 3, 7)
+    assert kw["num_samples"] == 6 and kw["top_p"] == 0.8 and kw["temperature"] == 1.0
+    lay = run.world.layout
+    assert prompt.shape == (2, lay.context_tokens + lay.dynamics_tokens) and acts.shape == (12, 3, 7)
     idx = run.start_states(0)[:2]
-    ref = run.disc.encode(run.pool.get(idx)["ref_actions"])
-    lay = run.layout
-    assert torch.equal(acts.view(2, 4, 3, 7)[:, -1], lay.bins_to_vocab(ref[:, 1:]))  # reference = last sample
-    assert torch.equal(prompt[:, -7:], lay.bins_to_vocab(ref[:, 0]))  # shared prompt ends with the dataset a_t
+    ref = lay.bins_to_vocab(run.world.discretizer.encode(run.pool.get(idx)["ref_actions"]))  # (2, C, 7)
+    own = kw["row_prompt_ids"].view(2, 6, 7)  # each rollout's prompt ends with its own a_0 (Eq. 10)
+    chunks = torch.cat([own[:, :, None], acts.view(2, 6, 3, 7)], 2)  # (2, 6, C, 7): every row's whole chunk
+    assert torch.equal(chunks[:, -1], ref)  # the reference rollout = the dataset chunk, a_0 included
+    assert torch.equal(chunks[:, 3], chunks[:, 0]) and torch.equal(chunks[:, 4], chunks[:, 0])  # re-samples
+    assert not torch.equal(own[:, :3], ref[:, None, 0].expand(2, 3, 7))  # the policy's own a_0, not the dataset's
+    assert torch.equal(prompt[:, :lay.context_tokens], lay.context_to_vocab(
+        run.world.tokenizer.encode_context(run.pool.get(idx)["image"])))
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])

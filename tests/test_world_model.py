@@ -156,3 +156,45 @@ def test_clear_errors(hf_dir, tmp_path):
     (bad / "model.safetensors").symlink_to(path / "model.safetensors")
     with pytest.raises(ValueError, match="mlp.gate_proj.weight"):
         WorldModel.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("backend,cpu_fast", [("eager", True), ("sdpa", False), ("triton", False)])
+def test_own_first_action_per_row_matches_authors_protocol(hf_dir, backend, cpu_fast):
+    """Eq. 10: a group shares ctx + dyn0, each rollout's prompt ends with its OWN a_0 (engine: row_prompt_ids).
+    Reference: transformers' per-frame generate with each row's full prompt written out."""
+    path, hf = hf_dir
+    wm = WorldModel.from_pretrained(path, attn_backend=backend)
+    G, N = 2, 3
+    prompt, _ = _prompt(G=G, P=20)
+    shared = prompt[:, :13]  # context + first dynamics frame
+    g = torch.Generator().manual_seed(5)
+    a0 = torch.randint(8750, 9006, (G * N, 7), generator=g)
+    a0[1] = a0[0]  # two rows with one a_0 and one chunk: equal rollouts
+    acts = torch.randint(8750, 9006, (G * N, 2, 7), generator=g)
+    acts[1] = acts[0]
+    full = torch.cat([shared.repeat_interleave(N, 0), a0], 1)
+    ref = hf_frame_by_frame(hf, full, acts, F, NUM_CODES)
+    ours = wm.rollout(shared, acts, tokens_per_frame=F, num_samples=N, temperature=0, row_prompt_ids=a0,
+                      cpu_fast=cpu_fast)
+    assert torch.equal(ours, ref)
+    assert torch.equal(ours[0], ours[1]) and not torch.equal(ours[0], ours[2])  # a_0 reaches the frames
+
+
+def test_own_first_action_with_ragged_shared_prefix(hf_dir):
+    wm = WorldModel.from_pretrained(hf_dir[0])
+    p1, _ = _prompt(G=1, P=20, seed=3)
+    p2, _ = _prompt(G=1, P=13, seed=4)
+    padded = torch.full((2, 13), 9007)
+    padded[0], padded[1, :6] = p1[0, :13], p2[0, :6]
+    a0 = torch.randint(8750, 9006, (4, 7))
+    acts = torch.randint(8750, 9006, (4, 2, 7))
+    out = wm.rollout(padded, acts, tokens_per_frame=F, num_samples=2, temperature=0, prompt_lengths=[13, 6],
+                     row_prompt_ids=a0)
+    for g, p in enumerate((p1[:, :13], p2[:, :6])):
+        rows = slice(2 * g, 2 * g + 2)
+        full = torch.cat([p.expand(2, -1), a0[rows]], 1)
+        assert torch.equal(out[rows], wm.rollout(full, acts[rows], tokens_per_frame=F, temperature=0))
+    with pytest.raises(ValueError, match="row_prompt_ids"):
+        wm.rollout(padded, acts, tokens_per_frame=F, num_samples=2, prompt_lengths=[13, 6], row_prompt_ids=a0[:3])
+    with pytest.raises(ValueError, match="row_prompt_ids"):
+        wm.rollout(padded, acts, tokens_per_frame=F, num_samples=2, prompt_lengths=[13, 6], row_prompt_ids=a0 + 100)

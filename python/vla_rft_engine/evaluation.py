@@ -47,8 +47,10 @@ def evaluate_checkpoints(ckpts: dict, task: str, settings: list[str], seeds: lis
             loaded = {name: load_policy(ckpts[name])}  # one policy in memory at a time
         r = evaluate_policy(policy_fn(loaded[name]), task, perturbation=None if st == "none" else st,
                             num_episodes=episodes, seed=eval_seed + s, image_size=image_size)
+        outcomes = [int(e["success"]) for e in r["episodes"]]  # per episode: the bootstrap pairs them
         done.append({"policy": name, "setting": st, "seed": s, "success_rate": r["success_rate"],
-                     "episodes": episodes, "successes": int(sum(e["success"] for e in r["episodes"]))})
+                     "episodes": episodes, "successes": sum(outcomes), "outcomes": outcomes,
+                     "eval_seed": eval_seed})
         atomic_write_text(cache, json.dumps(done, indent=1))
         if bar is not None:
             bar.update(1)
@@ -69,7 +71,22 @@ def success_table(records: list[dict], settings: list[str], seeds: list[int]) ->
     return table
 
 
-def table_markdown(table: dict, seeds: list[int], task: str, episodes: int, reward: str = "r3") -> str:
+def paired_bootstrap(records: list[dict], settings: list[str], seeds: list[int], n_boot: int = 2000,
+                     seed: int = 0) -> dict:
+    """95% interval of the average gain (RFT - SFT, points), resampling episodes with replacement inside each
+    (setting, seed) cell. SFT and RFT ran the same episodes (same env seeds), so one draw picks the same
+    episodes for both: the interval reflects the paired difference, not two independent noises."""
+    get = {(r["policy"], r["setting"], r["seed"]): np.asarray(r["outcomes"], float) for r in records}
+    diffs = [get[(f"rft_seed{s}", st, s)] - get[("sft", st, s)] for st in settings for s in seeds]
+    rng = np.random.default_rng(seed)
+    boot = np.mean([d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1) for d in diffs], 0) * 100
+    mean = float(np.mean([d.mean() for d in diffs]) * 100)
+    return {"mean": mean, "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
+            "n_boot": n_boot, "cells": len(diffs), "episodes": int(sum(len(d) for d in diffs))}
+
+
+def table_markdown(table: dict, seeds: list[int], task: str, episodes: int, reward: str = "r3",
+                   ci: dict | None = None) -> str:
     cols = list(table)
     head = "| Policy | " + " | ".join(SETTING_NAMES.get(c, c) for c in cols) + " | Avg |"
     sep = "|---" * (len(cols) + 2) + "|"
@@ -85,9 +102,16 @@ def table_markdown(table: dict, seeds: list[int], task: str, episodes: int, rewa
         lines.append(f"| {s} | " + " | ".join(f"{table[c]['per_seed'][s]['sft']:.0f} → {table[c]['per_seed'][s]['rft']:.0f}"
                                                for c in cols) + " |")
     avg = float(np.mean([table[c]["delta"] for c in cols]))
-    verdict = ("RFT raised the average success rate over its SFT checkpoint." if avg > 0 else
-               "RFT did NOT raise the average success rate over its SFT checkpoint in this run.")
-    return "\n".join(lines + ["", f"Average Δ: {avg:+.1f} points. {verdict}"]) + "\n"
+    interval = ""
+    if ci is not None:
+        interval = f" (paired bootstrap 95% interval [{ci['lo']:+.1f}, {ci['hi']:+.1f}] over {ci['episodes']} episode pairs)"
+    if ci is not None and ci["lo"] > 0:
+        verdict = "RFT raised the average success rate over its SFT checkpoint; the interval excludes 0."
+    elif avg > 0:
+        verdict = "RFT's average is above SFT's, but the gain is not distinguishable from episode noise."
+    else:
+        verdict = "RFT did NOT raise the average success rate over its SFT checkpoint in this run."
+    return "\n".join(lines + ["", f"Average Δ: {avg:+.1f} points{interval}. {verdict}"]) + "\n"
 
 
 @torch.no_grad()
@@ -105,6 +129,43 @@ def action_samples(ckpt: Path, demos: dict, max_states: int = 256) -> np.ndarray
     return a.reshape(-1, a.shape[-1]).numpy()
 
 
+def rft_signal(histories: dict) -> dict:
+    """Per RFT run, means over its steps: is the reward about the actions? (rl/rft.py logs signal/*)."""
+    out = {}
+    for s, rows in histories.items():
+        def mean(key):
+            v = [r[key] for r in rows if key in r and np.isfinite(r[key])]
+            return float(np.mean(v)) if v else float("nan")
+        out[f"seed{s}"] = {"spearman_reward_vs_action": mean("signal/spearman_reward_vs_action"),
+                           "reward_group_std": mean("reward/group_std"), "wm_noise_std": mean("signal/wm_noise_std"),
+                           "lpips_used": mean("reward/lpips_used"), "steps": len(rows)}
+    return out
+
+
+def reward_note(design: str, signal: dict, wm: dict) -> str:
+    """What the reward was, and the numbers that say whether it carried action signal."""
+    lp = [v["lpips_used"] for v in signal.values() if np.isfinite(v["lpips_used"])]
+    terms = "L1 + LPIPS" if lp and min(lp) > 0 else "L1 only (LPIPS backbone weights absent, they cannot be downloaded)"
+    what = {"r3": f"R3 (Eq. 11, {terms}): world-model frames under the policy's chunk vs under the dataset chunk, "
+                  "same world model, same start",
+            "r2": f"R2 ({terms}): world-model frames under the policy's chunk vs the dataset frames",
+            "r1": "R1: minus the L1 distance of the policy's chunk to the dataset chunk. R1 never runs the world "
+                  "model: a control, not the method"}[design]
+    rho = np.nanmean([v["spearman_reward_vs_action"] for v in signal.values()])
+    gstd = np.nanmean([v["reward_group_std"] for v in signal.values()])
+    nstd = np.nanmean([v["wm_noise_std"] for v in signal.values()])
+    lines = ["", f"Reward: {what}.", "",
+             f"Reward signal during RFT (mean over steps and seeds): Spearman(reward, -|chunk - dataset chunk|_1) "
+             f"= {rho:.2f}; in-group reward std {gstd:.4f} vs {nstd:.4f} over re-samples of one chunk "
+             "(world-model noise)."]
+    if "moving_l1_ratio" in wm:
+        lines.append(f"World model on {wm['episodes']} unseen episodes ({wm['frames']} frames, greedy): L1 on the "
+                     f"moving pixels {wm['moving_l1']:.4f} under the episode's own actions vs "
+                     f"{wm['moving_l1_swapped']:.4f} under another episode's (ratio {wm['moving_l1_ratio']:.2f}; "
+                     "1.00 = action-blind).")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(qs) -> dict:
     """results.json / results.md and the PNGs, from a Quickstart whose earlier stages are done."""
     from .data.demos import collect_demos, save_demos
@@ -114,26 +175,29 @@ def write_report(qs) -> dict:
     c, out, p = qs.cfg, qs.out, qs.paths
     records = json.loads(p["eval"].read_text())
     table = success_table(records, c.settings, c.seeds)
-    md = table_markdown(table, c.seeds, c.task, c.eval_episodes, c.rft.reward.design)
+    ci = paired_bootstrap(records, c.settings, c.seeds)
+    hist = {s: read_jsonl(p["rft"] / f"seed{s}" / "metrics.jsonl") for s in c.seeds}
+    signal = rft_signal(hist)
+    md = table_markdown(table, c.seeds, c.task, c.eval_episodes, c.rft.reward.design, ci)
     state = json.loads(qs.state_path.read_text()) if qs.state_path.is_file() else {}
     times = {k: v["wall_s"] for k, v in state.get("stages", {}).items()}
+    # world model beside the real environment on unseen expert episodes: own vs another episode's actions
+    held = collect_demos(c.task, 8, seed=c.eval_seed + 999, image_size=c.image_size)
+    save_demos(held, out / "heldout_demos.pt")
+    wm_eval.main([f"wm={p['world_model'] / 'world_model'}", f"demos={out / 'heldout_demos.pt'}",
+                  f"out_dir={out / 'wm_eval'}", "episodes=8", f"device={c.device}"])
+    (out / "wm_rollout.png").write_bytes((out / "wm_eval" / "rollouts.png").read_bytes())
+    wm_metrics = json.loads((out / "wm_eval" / "metrics.json").read_text())
+    md += reward_note(c.rft.reward.design, signal, wm_metrics)
     atomic_write_text(out / "results.md", md)
     # reward curves, one line per seed
     curves = {}
     for s in c.seeds:
-        rows = [r for r in read_jsonl(p["rft"] / f"seed{s}" / "metrics.jsonl") if "reward/mean" in r]
+        rows = [r for r in hist[s] if "reward/mean" in r]
         curves[f"seed {s}"] = ([r["step"] for r in rows], [r["reward/mean"] for r in rows])
     steps = max((v[0] for v in curves.values()), key=len)
     save_curve(steps, {k: v[1][:len(steps)] + [float("nan")] * (len(steps) - len(v[1])) for k, v in curves.items()},
                out / "reward_curve.png", title=f"RFT mean verified reward ({c.rft.reward.design.upper()}) per step")
-    # world model beside the real environment on unseen expert episodes (dataset actions)
-    held = collect_demos(c.task, 4, seed=c.eval_seed + 999, image_size=c.image_size)
-    save_demos(held, out / "heldout_demos.pt")
-    wm_eval.main([f"wm={p['world_model'] / 'world_model'}", f"tokenizer={p['tokenizer']}",
-                  f"demos={out / 'heldout_demos.pt'}", f"out_dir={out / 'wm_eval'}", "episodes=4",
-                  f"device={c.device}"])
-    (out / "wm_rollout.png").write_bytes((out / "wm_eval" / "rollouts.png").read_bytes())
-    wm_metrics = json.loads((out / "wm_eval" / "metrics.json").read_text())
     # action distributions (paper Fig. 4): expert vs SFT vs RFT (first seed) on unseen expert states
     held = collect_demos(c.task, 16, seed=c.eval_seed + 1999, image_size=c.image_size)
     L = held["lengths"]
@@ -143,7 +207,8 @@ def write_report(qs) -> dict:
     save_histograms(dists, ["dx", "dy", "dz", "gripper"], [0, 1, 2, 6], out / "action_distributions.png",
                     title="actions on unseen expert states")
     res = {"task": c.task, "seeds": c.seeds, "episodes_per_setting_seed": c.eval_episodes, "table": table,
-           "avg_delta": float(np.mean([v["delta"] for v in table.values()])), "records": records,
+           "avg_delta": float(np.mean([v["delta"] for v in table.values()])), "gain_ci95": ci,
+           "eval_seed": c.eval_seed, "rft_signal": signal, "records": records,
            "rft": state.get("stages", {}).get("rft", {}).get("result"), "world_model_eval": wm_metrics,
            "stage_wall_s": times}
     atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str))
@@ -151,4 +216,5 @@ def write_report(qs) -> dict:
             "standard_rft": table[c.settings[0]]["rft"]}
 
 
-__all__ = ["evaluate_checkpoints", "success_table", "table_markdown", "write_report", "policy_fn"]
+__all__ = ["evaluate_checkpoints", "success_table", "table_markdown", "paired_bootstrap", "rft_signal", "write_report",
+           "policy_fn"]

@@ -65,3 +65,34 @@ def load_lpips(net: str = "alex", required: bool = False, device="cpu"):
         if required:
             raise
         return None
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks along the last dim (ties share their mean rank), as scipy.stats.rankdata."""
+    x = x.double()
+    lt = (x[..., None, :] < x[..., :, None]).sum(-1).double()
+    eq = (x[..., None, :] == x[..., :, None]).sum(-1).double()
+    return lt + (eq + 1) / 2
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation along the last dim, one value per leading index; NaN where x or y is constant."""
+    if x.shape != y.shape:
+        raise ValueError(f"spearman needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(-1, keepdim=True), ry - ry.mean(-1, keepdim=True)
+    den = (rx.pow(2).sum(-1) * ry.pow(2).sum(-1)).sqrt()
+    return torch.where(den > 0, (rx * ry).sum(-1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
+
+
+def moving_mask(real: torch.Tensor, start: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Pixels where real frames (..., T, 3, H, W) differ from their start frame (..., 3, H, W) by more than
+    `threshold` in some channel: what moved (the gripper, pushed objects). -> (..., T, 1, H, W) bool."""
+    return (real.float() - start.float()[..., None, :, :, :]).abs().amax(-3, keepdim=True) > threshold
+
+
+def masked_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean |a - b| over the masked pixels (all channels) of all frames; NaN when the mask is empty."""
+    _check_pair(a, b)
+    m = mask.expand_as(a).float()
+    return ((a.float() - b.float()).abs() * m).sum() / m.sum()

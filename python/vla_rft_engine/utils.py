@@ -1,7 +1,6 @@
 """Small shared helpers: atomic checkpoints, run logging (TensorBoard + JSONL), NVTX ranges, seeding."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vla_rft_engine.engine.nvtx import nvtx_range  # noqa: F401  (re-exported: one home, in the engine)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -95,14 +96,3 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-@contextlib.contextmanager
-def nvtx_range(name: str):
-    """An NVTX range when CUDA is present (visible in Nsight), a no-op otherwise."""
-    if torch.cuda.is_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield

@@ -15,16 +15,24 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def save_frame_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str] | None = None,
-                    scale: int = 2, pad: int = 2) -> Path:
-    """rows: each (N, 3, H, W) float in [0, 1]; one row of N frames each, optional label on the left."""
+                    scale: int = 2, pad: int = 2, title: str | None = None,
+                    col_labels: list[str] | None = None) -> Path:
+    """rows: each (N, 3, H, W) float in [0, 1]; one row of N frames each, optional label on the left,
+    an optional title on top and a label over each column (e.g. the time step)."""
     rows = [to_uint8(r) for r in rows]
     n = max(r.shape[0] for r in rows)
     H, W = rows[0].shape[1:3]
-    lw = 70 if labels else 0
-    canvas = Image.new("RGB", (lw + n * (W * scale + pad) + pad, len(rows) * (H * scale + pad) + pad), (255, 255, 255))
+    lw = 8 + 6 * max(len(s) for s in labels) if labels else 0
+    top = (14 if title else 0) + (12 if col_labels else 0)
+    canvas = Image.new("RGB", (lw + n * (W * scale + pad) + pad, top + len(rows) * (H * scale + pad) + pad),
+                       (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0))
+    for j, c in enumerate(col_labels or []):
+        draw.text((lw + pad + j * (W * scale + pad) + 2, top - 12), c, fill=(60, 60, 60))
     for i, r in enumerate(rows):
-        y = pad + i * (H * scale + pad)
+        y = top + pad + i * (H * scale + pad)
         if labels:
             draw.text((4, y + H * scale // 2 - 5), labels[i], fill=(0, 0, 0))
         for j in range(r.shape[0]):

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..envs.expert import expert_action
+from ..envs.expert import expert_action, wander_action
 from ..envs.tabletop import TableTopEnv
 from ..utils import atomic_save
 
@@ -26,9 +26,11 @@ def episode_seeds(seed: int, num_episodes: int) -> np.ndarray:
 
 
 def collect_demos(task: str, num_episodes: int, seed: int = 0, image_size: int = 64, expert_noise: float = 0.0,
-                  max_steps: int | None = None, perturbation: str | None = None) -> dict:
+                  max_steps: int | None = None, perturbation: str | None = None, wander_every: int = 0) -> dict:
     """Roll out the scripted expert: frames uint8 (N, T+1, H, W, 3), actions float32 (N, T, 7),
-    proprio float32 (N, T+1, 8), instructions list[str], success bool (N,), lengths int64 (N,), seeds int64 (N,)."""
+    proprio float32 (N, T+1, 8), instructions list[str], success bool (N,), lengths int64 (N,), seeds int64 (N,).
+    wander_every > 0: world-model data instead of demos: the gripper heads for a random point re-drawn every
+    `wander_every` steps (envs.expert.wander_action), whatever the instruction says."""
     env = TableTopEnv(task, image_size=image_size, seed=seed, perturbation=perturbation, max_steps=max_steps)
     t_max = env.max_steps
     n = num_episodes
@@ -44,7 +46,11 @@ def collect_demos(task: str, num_episodes: int, seed: int = 0, image_size: int =
         out["frames"][i, 0], out["proprio"][i, 0] = obs["image"], obs["proprio"]
         solved = False
         for t in range(t_max):
-            if solved:
+            if wander_every and t % wander_every == 0:
+                goal = np.array([*rng.uniform(-0.9, 0.9, 2), rng.uniform(0.03, 0.4)])
+            if wander_every:
+                a = wander_action(env, goal, noise=expert_noise, rng=rng)
+            elif solved:
                 a = np.zeros(7, np.float32)
                 a[6] = env.last_cmd
             else:
@@ -52,10 +58,11 @@ def collect_demos(task: str, num_episodes: int, seed: int = 0, image_size: int =
             obs, _, _, info = env.step(a)
             out["actions"][i, t] = a
             out["frames"][i, t + 1], out["proprio"][i, t + 1] = obs["image"], obs["proprio"]
-            if info["success"] and not solved:
+            if info["success"] and not solved and not wander_every:  # wandering: no task, the whole episode counts
                 solved = True
                 out["success"][i], out["lengths"][i] = True, t + 1
-    out.update(task=task, perturbation=perturbation or "none", image_size=image_size, expert_noise=expert_noise)
+    out.update(task=task, perturbation=perturbation or "none", image_size=image_size, expert_noise=expert_noise,
+               wander_every=wander_every)
     return out
 
 

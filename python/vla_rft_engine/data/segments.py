@@ -49,8 +49,10 @@ def build_segments(demos: dict, tok, discretizer: ActionDiscretizer, frames: int
         ids.append(layout.build_segment(ctx.cpu(), dyn.cpu(), bins.cpu()))
     ids = torch.cat(ids)
     mask = segment_loss_mask(layout, frames).expand_as(ids).clone()
+    from ..models.world import tokenizer_hash
     return {"ids": ids, "loss_mask": mask, "layout": asdict(layout), "action_ranges": discretizer.state_dict(),
-            "frames": frames}
+            "frames": frames, "tokenizer_sha256": tokenizer_hash(tok),
+            "fsq_levels": list(tok.cfg.levels) if tok.cfg.quantizer == "fsq" else None}
 
 
 def save_segments(seg: dict, path) -> None:

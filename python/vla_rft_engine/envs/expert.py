@@ -89,3 +89,15 @@ def expert_action(env, noise: float = 0.0, rng: np.random.Generator | None = Non
         rng = rng if rng is not None else np.random.default_rng()
         a[:6] += rng.normal(0.0, noise, 6)
     return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
+def wander_action(env, goal: np.ndarray, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Off-task motion for world-model data: the reach controller toward `goal` (x, y, z), a point the caller
+    re-draws at random, with the gripper open. Its actions look like the expert's (same magnitudes, same
+    controller) but their direction cannot be guessed from the scene, so a world model trained on them has
+    to read the action tokens to predict where the gripper goes."""
+    a = _toward(env, goal[:2], goal[2], OPEN)
+    if noise > 0:
+        rng = rng if rng is not None else np.random.default_rng()
+        a[:6] += rng.normal(0.0, noise, 6)
+    return np.clip(a, -1.0, 1.0).astype(np.float32)

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vla_rft_engine.kernels.rotary_kv import apply_rotary  # noqa: F401  (the reference lives beside its kernel)
+
 BACKENDS = ("triton", "sdpa", "flash", "eager")
 
 
@@ -53,6 +55,7 @@ class WorldModelConfig:
         presets = {
             "paper": cls(),  # Table 5: ~138M parameters
             "small": cls(n_layer=4, dim=256, n_head=4, n_kv_head=4, intermediate_size=1024),
+            "cpu": cls(n_layer=3, dim=128, n_head=4, n_kv_head=2, intermediate_size=384, max_position=2048),
             "tiny": cls(n_layer=2, dim=64, n_head=4, n_kv_head=2, intermediate_size=128, max_position=2048),
         }
         if name not in presets:
@@ -111,13 +114,6 @@ def rotary_tables(cfg: WorldModelConfig, device=None) -> tuple[torch.Tensor, tor
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     freqs = torch.arange(cfg.max_position, device=device).float()[:, None] * inv[None, :]
     return freqs.cos(), freqs.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, L, H, D); cos/sin (B, L, D/2). HF rotate_half: halves, not interleaved pairs."""
-    c, s = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
 
 class Attention(nn.Module):
@@ -243,7 +239,8 @@ class WorldModel(nn.Module):
     @torch.no_grad()
     def rollout(self, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples: int = 1, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = 0, generator=None, return_logprobs: bool = False, prompt_lengths=None,
-                use_cuda_graph: bool | None = None, max_seq_len: int | None = None, cpu_fast: bool | None = None):
+                use_cuda_graph: bool | None = None, max_seq_len: int | None = None, cpu_fast: bool | None = None,
+                row_prompt_ids=None, timings: dict | None = None):
         """Interactive rollout; see `vla_rft_engine.engine.rollout.rollout` for the full contract.
 
         Generated frame tokens are restricted to dynamics codes [0, config.num_codes): all other logits are
@@ -253,7 +250,7 @@ class WorldModel(nn.Module):
         return rollout(self, prompt_ids, action_ids, tokens_per_frame=tokens_per_frame, num_samples=num_samples,
                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                        return_logprobs=return_logprobs, prompt_lengths=prompt_lengths, use_cuda_graph=use_cuda_graph,
-                       max_seq_len=max_seq_len, cpu_fast=cpu_fast)
+                       max_seq_len=max_seq_len, cpu_fast=cpu_fast, row_prompt_ids=row_prompt_ids, timings=timings)
 
     # --- Hugging Face checkpoints ---
     @classmethod

@@ -6,16 +6,17 @@
 One step (S = grpo.task_instances start states, N = grpo.rollouts; Table 7: 16 x 16):
   1. draw S start states from the demos (o_t, l, s_t, dataset chunk a_{t:t+C}); rank r takes a contiguous shard
   2. per block of `states_per_block` start states, one RNG stream seeded by (seed, step, first global index):
-     encode   f_VLM once per start state -> z; the tokenizer encodes o_t into the WM prompt
+     encode   f_VLM once per start state -> z
      sde      N SDE chunks per start state (Eq. 5-8), log-probs kept
-     wm       ONE frozen-WM rollout call for the block: prompt ctx(o_t) + dyn(o_t) + a_t (dataset) shared by the
-              group, num_samples = N + 1: the N policy chunks and, last, the dataset chunk (R3's reference)
-     decode   frame tokens -> frames (tokenizer)
+     wm       ONE LearnedWorld.imagine call for the block (models/world.py): N + M + 1 rollouts per start state,
+              the N policy chunks, M re-samples of chunk 0 (world-model noise, diagnostics only) and, last, the
+              dataset chunk (R3's reference). ctx(o_t) + dyn(o_t) is shared by the group; each rollout's prompt
+              ends with its OWN a_0 (Eq. 10), so the policy's first action reaches the reward
      reward   verified reward (Eq. 11; R3 default, R1/R2 selectable)
+     signal   is the reward about the actions? in-group Spearman(R, -|a - a_ref|_1), in-group R std vs the
+              std over re-samples of one chunk (logged as signal/*)
   3. group advantage (Eq. 12); GRPO update (Eq. 9, 13) of the action head and Sigma Net (separate lrs, encoder
      and WM frozen) with the flow MSE on dataset actions, entropy bonus, grad clip, ppo epochs x minibatches.
-The first action of a chunk sits in the shared prompt as the dataset's a_t (as in the authors' release), so
-frames t+1.. follow the policy's a_{t+1..t+C-1}.
 
 Reproducibility: every random draw comes from generators seeded by (seed, step, ...), so a resumed run repeats
 an uninterrupted one bit-for-bit, and a run on W ranks equals one on 1 rank whenever states_per_block divides
@@ -39,10 +40,11 @@ from ..config import ConfigError, save_config, to_dict
 from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, read_jsonl
 from . import distributed as du
 from .grpo import approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
+from ..metrics import spearman
 from .rewards import verified_reward
 from .rft_config import CKPT_FORMAT, RFTConfig, config_hash, hashed_fields
 
-PHASES = ("encode", "sde", "wm_rollout", "decode", "reward", "update")
+PHASES = ("encode", "sde", "wm_rollout", "reward", "update")
 
 
 class PolicyHeads(nn.Module):
@@ -62,9 +64,9 @@ class PolicyHeads(nn.Module):
 class RFTRun:
     """Models, optimizer and one RFT step; `step(i)` is the whole loop body (also used by bench/grpo_step.py)."""
 
-    def __init__(self, cfg: RFTConfig, d: du.Dist, policy, wm, tok, disc, pool, lpips_model=None):
-        self.cfg, self.d, self.policy, self.wm, self.tok, self.disc, self.pool = cfg, d, policy, wm, tok, disc, pool
-        self.lpips, self.layout = lpips_model, tok.layout
+    def __init__(self, cfg: RFTConfig, d: du.Dist, policy, world, pool, lpips_model=None):
+        self.cfg, self.d, self.policy, self.world, self.pool = cfg, d, policy, world, pool
+        self.lpips = lpips_model
         g = cfg.grpo
         if g.task_instances % d.world or (g.task_instances // d.world) % cfg.states_per_block:
             raise ConfigError(f"grpo.task_instances={g.task_instances} start states must split evenly over "
@@ -74,13 +76,9 @@ class RFTRun:
                               f"grpo.minibatches={g.minibatches}")
         if len(pool) < g.task_instances:
             raise ConfigError(f"the demos give {len(pool)} start states, fewer than grpo.task_instances={g.task_instances}")
-        pc, lay = policy.cfg, self.layout
-        if not (pc.action_dim == disc.action_dim == lay.action_dim) or disc.num_bins != lay.num_action_bins:
-            raise ValueError(f"action dims disagree: policy {pc.action_dim}, discretizer {disc.action_dim} x "
-                             f"{disc.num_bins} bins, tokenizer layout {lay.action_dim} x {lay.num_action_bins}")
-        if wm.config.vocab_size != lay.vocab_size:
-            raise ValueError(f"world model vocab {wm.config.vocab_size} != tokenizer layout vocab {lay.vocab_size}: "
-                             "the WM was trained on another tokenizer")
+        if policy.cfg.action_dim != world.action_dim:
+            raise ValueError(f"the policy acts in {policy.cfg.action_dim} dims, the world model's actions have "
+                             f"{world.action_dim}; pair a policy and a world model trained on the same data")
         policy.cfg.logprob_reduce = g.logprob_reduce
         policy.encoder.requires_grad_(False)  # frozen in Stage II (VLM frozen)
         policy.eval()  # no dropout: sampling and the update see the same networks
@@ -114,8 +112,9 @@ class RFTRun:
 
     @torch.no_grad()
     def rollout_block(self, step: int, first: int, pool_idx: torch.Tensor, timings: dict) -> dict:
-        """Encode -> SDE -> WM -> decode -> reward for one block of start states (global indices first..)."""
-        cfg, dev, N, pol, lay = self.cfg, self.d.device, self.cfg.grpo.rollouts, self.policy, self.layout
+        """Encode -> SDE -> imagine -> reward for one block of start states (global indices first..)."""
+        cfg, dev, N, M, pol = self.cfg, self.d.device, self.cfg.grpo.rollouts, self.cfg.noise_rows, self.policy
+        design = cfg.reward.design
         gen = du.generator(dev, cfg.seed, step, first)
         b = self.pool.get(pool_idx)
         k = len(pool_idx)
@@ -124,44 +123,50 @@ class RFTRun:
             z = pol.encode(b["policy_image"].to(dev), b["instruction"], proprio)
             s = pol.normalize_proprio(proprio)
             img = b["image"].to(dev)
-            ctx = self.tok.encode_context(img) if cfg.reward.design != "r1" else None
-            dyn0 = self.tok.encode_dynamics(img, img) if ctx is not None else None
         with self.phase("sde", timings):
             out = pol.sample_sde(z, s, N, generator=gen)
         actions = pol.unnormalize_actions(out.actions)  # (k, N, C, A) raw
         ref = b["ref_actions"].to(dev)
         frames = None
-        if cfg.reward.design != "r1":
-            with self.phase("wm_rollout", timings):
-                bins = self.disc.encode(torch.cat([actions, ref[:, None]], 1))  # (k, N+1, C, A): reference last
-                prompt = torch.cat([lay.context_to_vocab(ctx), lay.dynamics_to_vocab(dyn0),
-                                    lay.bins_to_vocab(self.disc.encode(ref[:, 0]))], 1)
-                tokens = self.wm.rollout(prompt, lay.bins_to_vocab(bins[:, :, 1:]).flatten(0, 1),
-                                         tokens_per_frame=lay.dynamics_tokens, num_samples=N + 1,
-                                         temperature=cfg.wm_temperature, top_p=cfg.wm_top_p, top_k=cfg.wm_top_k,
-                                         generator=gen)
-            with self.phase("decode", timings):
-                dyn = lay.vocab_to_dynamics(tokens)  # (k * (N+1), T, n): one context per start state, decoded once
-                frames = self.tok.decode(ctx, dyn.view(k, -1, dyn.shape[-1]))
-                frames = frames.float().view(k, N + 1, dyn.shape[1], *frames.shape[2:])
+        if design != "r1":
+            with self.phase("wm_rollout", timings):  # policy chunks, M re-samples of chunk 0, the reference last
+                chunks = torch.cat([actions, actions[:, :1].expand(k, M, *actions.shape[2:]), ref[:, None]], 1)
+                frames = self.world.imagine(img, chunks, temperature=cfg.wm_temperature, top_p=cfg.wm_top_p,
+                                            top_k=cfg.wm_top_k, generator=gen).float()
         with self.phase("reward", timings):
-            try:
-                kw = {"policy_actions": actions, "dataset_actions": ref[:, None]} if cfg.reward.design == "r1" else (
-                    {"policy_frames": frames[:, :N], "wm_reference_frames": frames[:, N:]} if cfg.reward.design == "r3"
-                    else {"policy_frames": frames[:, :N], "dataset_frames": b["next_frames"].to(dev)[:, None]})
-                R = verified_reward(cfg.reward, lpips_model=self.lpips, **kw)
-            except ValueError as e:
-                raise ValueError(f"step {step}, start states {pool_idx.tolist()}: {e}") from e
-            if not torch.isfinite(R).all():
-                raise FloatingPointError(f"step {step}: NaN/inf verified reward for start states {pool_idx.tolist()} "
-                                         f"(rewards {R.tolist()}); check the world model and tokenizer outputs")
+            R, R_noise = self._reward(step, pool_idx, actions, ref, frames, b)
         E, (C, A) = cfg.grpo.ppo_epochs, pol.chunk_shape
         from ..models.policy import sample_beta  # flow-MSE draws, one per (start state, epoch)
         tau = sample_beta(1.0, 1.5, k * E, gen, dev).view(k, E)
         noise = torch.randn(k, E, C, A, generator=gen, device=dev)
+        dist = (actions - ref[:, None]).abs().sum((2, 3))  # (k, N): the chunk's L1 distance to the dataset chunk
         return {"z": z, "s": s, "chain": out.chain, "R": R.float(), "sigma": out.sigmas.mean((1, 2, 3, 4)),
                 "ref_norm": pol.normalize_actions(ref).clamp(-1, 1), "tau": tau, "noise": noise,
-                "frames": frames, "start": img}
+                "frames": None if frames is None else torch.cat([frames[:, :N], frames[:, -1:]], 1), "start": img,
+                "rho": spearman(R.float(), -dist), "noise_std": R_noise.std(-1) if R_noise is not None else None}
+
+    def _reward(self, step, pool_idx, actions, ref, frames, b):
+        """Verified reward (Eq. 11) of the N policy rollouts, and of chunk 0 with its M re-samples (or None)."""
+        cfg, N, M, dev = self.cfg, self.cfg.grpo.rollouts, self.cfg.noise_rows, self.d.device
+        design = cfg.reward.design
+
+        def reward(pf):
+            if design == "r1":
+                return verified_reward(cfg.reward, policy_actions=actions, dataset_actions=ref[:, None])
+            if design == "r3":
+                return verified_reward(cfg.reward, lpips_model=self.lpips, policy_frames=pf,
+                                       wm_reference_frames=frames[:, -1:])
+            return verified_reward(cfg.reward, lpips_model=self.lpips, policy_frames=pf,
+                                   dataset_frames=b["next_frames"].to(dev)[:, None])
+        try:
+            R = reward(None if frames is None else frames[:, :N])
+            R_noise = reward(torch.cat([frames[:, :1], frames[:, N:N + M]], 1)) if frames is not None and M else None
+        except ValueError as e:
+            raise ValueError(f"step {step}, start states {pool_idx.tolist()}: {e}") from e
+        if not torch.isfinite(R).all():
+            raise FloatingPointError(f"step {step}: NaN/inf verified reward for start states {pool_idx.tolist()} "
+                                     f"(rewards {R.tolist()}); check the world model and tokenizer outputs")
+        return R, R_noise
 
     def update(self, roll: dict, adv: torch.Tensor, first: int) -> dict:
         """GRPO epochs x minibatches over this rank's start states (global index first..)."""
@@ -203,6 +208,7 @@ class RFTRun:
         blocks = [self.rollout_block(step, f, idx[f:f + k], timings) for f in range(first, first + L, k)]
         roll = {key: (torch.cat([b[key] for b in blocks]) if blocks[0][key] is not None else None)
                 for key in blocks[0]}
+        rho = du.all_gather_rows(d, roll["rho"][:, None])[:, 0]  # NaN where a group's rewards are all equal
         adv = group_advantage(roll["R"], cfg.grpo.normalize_adv_std, cfg.grpo.adv_eps)  # (L, N), per group
         with self.phase("update", timings):
             up = self.update(roll, adv, first)
@@ -211,9 +217,11 @@ class RFTRun:
         metrics = {"reward/mean": R_all.mean().item(), "reward/std": R_all.std().item(),
                    "reward/max": R_all.max().item(), "reward/min": R_all.min().item(),
                    "reward/group_std": R_all.std(-1).mean().item(), "adv/abs_mean": A_all.abs().mean().item(),
-                   "adv/std": A_all.std().item(),
+                   "adv/std": A_all.std().item(), "reward/lpips_used": float(self.lpips is not None),
+                   "signal/spearman_reward_vs_action": rho.nanmean().item() if (~rho.isnan()).any() else float("nan"),
                    "lr/action_head": self.opt.param_groups[0]["lr"], "lr/sigma": self.opt.param_groups[1]["lr"]}
-        metrics.update(du.all_mean(d, {**up, "sigma/mean": roll["sigma"].mean().item()}))
+        extra = {"signal/wm_noise_std": roll["noise_std"].mean().item()} if roll["noise_std"] is not None else {}
+        metrics.update(du.all_mean(d, {**up, "sigma/mean": roll["sigma"].mean().item(), **extra}))
         timings["step"] = time.perf_counter() - t0
         metrics.update(du.all_max(d, {f"time/{p}": timings[p] for p in (*PHASES, "step")}))
         viz = None
@@ -258,23 +266,21 @@ def _cfg_from(d: dict) -> RFTConfig:
 
 def build(cfg: RFTConfig, d: du.Dist) -> RFTRun:
     """Load every Stage I artefact (clear errors naming the missing file and the command that makes it)."""
-    from .rft_data import StartStates, load_discretizer, load_sft_policy, load_tokenizer, load_world_model, require
+    from .rft_data import StartStates, load_sft_policy, load_world, require
     dev = d.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.wm_dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    tok = load_tokenizer(cfg.tokenizer, dev)
-    wm = load_world_model(cfg.world_model, dev, dtype, cfg.wm_attn_backend or None)
-    disc = load_discretizer(cfg.world_model, cfg.segments, cfg.action_ranges)
+    world = load_world(cfg, dev, dtype)
     policy = load_sft_policy(cfg.policy, dev)
     if cfg.sigma_init > 0:  # before the optimizer and any resume: a resumed run loads its trained Sigma Net over it
         policy.sigma_net.reset_sigma(cfg.sigma_init)
     from ..data.demos import load_demos
-    pool = StartStates(load_demos(require(cfg.demos, "demos")), policy.cfg.chunk_len, tok.cfg.image_size)
+    pool = StartStates(load_demos(require(cfg.demos, "demos")), policy.cfg.chunk_len, world.image_size)
     lp = None
     if cfg.reward.design != "r1" and cfg.reward.lambda_lp > 0:
         from .rewards import _resolve_lpips  # fail at start-up, not at step 1, when LPIPS weights are missing
         lp = _resolve_lpips(cfg.reward, dev)
-    return RFTRun(cfg, d, policy, wm, tok, disc, pool, lp)
+    return RFTRun(cfg, d, policy, world, pool, lp)
 
 
 def train(cfg: RFTConfig, run: RFTRun | None = None) -> dict:
@@ -309,7 +315,8 @@ def train(cfg: RFTConfig, run: RFTRun | None = None) -> dict:
                 run.save(ckpt, step, history)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(R=f"{metrics['reward/mean']:.4f}", kl=f"{metrics['update/approx_kl_k3']:.2e}")
+                bar.set_postfix(R=f"{metrics['reward/mean']:.4f}", R_std=f"{metrics['reward/group_std']:.4f}",
+                                rho=f"{metrics['signal/spearman_reward_vs_action']:.2f}")
         if bar is not None:
             bar.close()
         if logger:

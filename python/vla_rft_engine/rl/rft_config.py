@@ -18,8 +18,8 @@ CKPT_FORMAT = "vla-rft-rft/1"
 @dataclass
 class RFTConfig:
     out_dir: str = "runs/rft"
-    tokenizer: str = ""            # dir with tokenizer.pt (vla-rft pretrain-tokenizer)
-    world_model: str = ""          # HF LlamaForCausalLM dir (vla-rft pretrain-wm -> out_dir/world_model)
+    world_model: str = ""          # world dir (vla-rft pretrain-wm -> out_dir/world_model): HF weights + tokenizer
+    tokenizer: str = ""            # "" = the world dir's own copy; else a dir with tokenizer.pt (checked against it)
     policy: str = ""               # SFT checkpoint (vla-rft sft -> out_dir/ckpt.pt)
     demos: str = ""                # demos file (load_demos format)
     segments: str = ""             # segments file: its action_ranges are the WM's discretizer
@@ -32,6 +32,8 @@ class RFTConfig:
     wm_top_k: int = 0              # release: off
     wm_dtype: str = "auto"         # auto: bf16 on CUDA, fp32 on the CPU
     wm_attn_backend: str = ""      # "" = the model's default
+    noise_rows: int = 2            # extra rollouts re-sampling chunk 0: the reward std they show is world-model
+                                   # noise, logged beside the in-group std (signal/*); 0 = off
     weight_decay: float = 0.0
     stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
     log_every: int = 1
@@ -50,6 +52,8 @@ class RFTConfig:
             self.reward.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.noise_rows < 0:
+            raise ConfigError(f"noise_rows must be >= 0, got {self.noise_rows}")
         if self.states_per_block < 1:
             raise ConfigError(f"states_per_block must be >= 1, got {self.states_per_block}")
         if self.wm_dtype not in ("auto", "fp32", "bf16", "fp16"):

@@ -33,42 +33,33 @@ def require(path: str, what: str, kind: str = "file") -> Path:
     return p
 
 
-def load_tokenizer(path: str, device):
-    from ..models.tokenizer import VisualTokenizer
-    return VisualTokenizer.load(require(path, "tokenizer"), map_location="cpu").to(device).eval()
-
-
-def load_world_model(path: str, device, dtype: torch.dtype, attn_backend: str | None = None):
-    from ..models.world_model import WorldModel
-    p = require(path, "world_model", "dir")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p}/config.json not found: world_model= must be the HF directory that "
-                                f"{MAKES['world_model']}")
-    kw = {"attn_backend": attn_backend} if attn_backend else {}
-    wm = WorldModel.from_pretrained(p, dtype=dtype, device=device, **kw)
-    for q in wm.parameters():  # frozen in Stage II
-        q.requires_grad_(False)
-    return wm.eval()
-
-
-def load_discretizer(world_model: str, segments: str, action_ranges: str):
-    """The ActionDiscretizer the WM was trained with: explicit json, WM_DIR/action_ranges.json, or the segments file."""
+def load_world(cfg, device, dtype: torch.dtype):
+    """The LearnedWorld of an RFT config: world dir, its tokenizer (or cfg.tokenizer), its action ranges (or
+    cfg.action_ranges, or the segments file's)."""
     from ..layout import ActionDiscretizer
+    from ..models.world import LearnedWorld
     from ..utils import load_checkpoint
-    for cand in ([action_ranges] if action_ranges else []) + ([str(Path(world_model) / "action_ranges.json")]
-                                                             if world_model else []):
-        if Path(cand).is_file():
-            return ActionDiscretizer.load(cand)
-        if cand == action_ranges:
-            raise FileNotFoundError(f"action_ranges={cand} does not exist")
-    if segments:
-        seg = load_checkpoint(require(segments, "action_ranges"), "tokenized segments file")
+    p = require(cfg.world_model, "world_model", "dir")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}/config.json not found: world_model= must be the directory that "
+                                f"{MAKES['world_model']}")
+    tok = require(cfg.tokenizer, "tokenizer") if cfg.tokenizer else None
+    ranges = cfg.action_ranges or None
+    if ranges is None and not (p / "action_ranges.json").is_file() and not (p / "world.json").is_file():
+        if not cfg.segments:
+            raise FileNotFoundError("RFT needs the world model's action ranges (the discretizer its action tokens "
+                                    f"were made with): set action_ranges=FILE.json or segments=FILE; made by "
+                                    f"{MAKES['action_ranges']}")
+        seg = load_checkpoint(require(cfg.segments, "action_ranges"), "tokenized segments file")
         if "action_ranges" not in seg:
-            raise ValueError(f"{segments} has no action_ranges; rebuild it with data.segments.build_segments")
-        r = seg["action_ranges"]
-        return ActionDiscretizer(r["low"], r["high"], r.get("num_bins", 256))
-    raise FileNotFoundError("RFT needs the world model's action ranges (the discretizer its action tokens were "
-                            f"made with): set action_ranges=FILE.json or segments=FILE; made by {MAKES['action_ranges']}")
+            raise ValueError(f"{cfg.segments} has no action_ranges; rebuild it with data.segments.build_segments")
+        ranges = p / "action_ranges.json"
+        ActionDiscretizer(**seg["action_ranges"]).save(ranges)
+    if tok is None and not (p / "tokenizer").is_dir():
+        raise FileNotFoundError(f"RFT needs the tokenizer checkpoint: {p} holds no tokenizer copy and tokenizer= is "
+                                f"unset; make it with: {MAKES['tokenizer']}")
+    return LearnedWorld.load(p, tokenizer=tok, action_ranges=ranges, device=device, dtype=dtype,
+                             attn_backend=cfg.wm_attn_backend or None)
 
 
 def load_sft_policy(path: str, device):

@@ -43,6 +43,7 @@ class TokenizerTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     l1_weight: float = 0.5
+    motion_weight: float = 20.0  # dynamics frames: pixels that differ from the context frame weigh 1 + this
     lpips_weight: float = 0.1  # used only when LPIPS weights are on disk
     lpips_net: str = "alex"
     eval_every: int = 200
@@ -172,6 +173,17 @@ def lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
 
 
+def motion_weights(ctx: torch.Tensor, frames: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weight of dynamics frames (B, T, 3, H, W): 1, plus `weight` where the frame differs from its
+    context frame (the gripper and what it moves, a few % of the pixels). Without it the reconstruction loss is
+    spent on the static table and the dynamics tokens barely encode where the gripper went; the world model
+    then has nothing action-dependent to predict."""
+    if weight <= 0:
+        return torch.ones_like(frames[:, :, :1])
+    moved = (frames - ctx[:, None]).abs().amax(2, keepdim=True) > 0.1
+    return 1.0 + weight * moved.float()
+
+
 def train(cfg: TokenizerTrainConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +226,9 @@ def train(cfg: TokenizerTrainConfig) -> dict:
         with nvtx_range("tokenizer/step"):
             rc, rd, aux = tok(ctx, tgt)
             rec = F.mse_loss(rc, ctx) + F.mse_loss(rd, tgt)
-            loss = rec + cfg.l1_weight * ((rc - ctx).abs().mean() + (rd - tgt).abs().mean()) + aux
+            w = motion_weights(ctx, tgt, cfg.motion_weight)
+            loss = (F.mse_loss(rc, ctx) + ((rd - tgt).pow(2) * w).mean()
+                    + cfg.l1_weight * ((rc - ctx).abs().mean() + ((rd - tgt).abs() * w).mean()) + aux)
             if lp is not None:
                 loss = loss + cfg.lpips_weight * (lp(rc, ctx, zero_one=True, check_range=False).mean()
                                                   + lp(rd, tgt, zero_one=True, check_range=False).mean())

@@ -1,9 +1,14 @@
-"""`vla-rft wm-eval`: world-model rollout quality (Table 1) on demos.
+"""`vla-rft wm-eval`: world-model rollout quality (Table 1) and action sensitivity, on demos.
 
-For each episode: prompt = ctx(o_0) + dyn(o_0) + a_0; the WM rolls out `frames` frames from the dataset
-actions a_1.. (greedy by default); the tokenizer decodes them; compare with the real frames o_1..o_T:
-MSE, PSNR, SSIM, and LPIPS when its backbone weights are on disk. Writes metrics.json and a PNG strip
-(real row over generated row per episode).
+For each episode the LearnedWorld (models/world.py) imagines `frames` frames from o_0 under the episode's own
+actions a_0.. (greedy by default); they are compared with the real frames o_1..o_T: MSE, PSNR, SSIM, L1, and
+LPIPS when its backbone weights are on disk.
+
+Action swap: the same start frames rolled out under ANOTHER episode's actions (episode e takes e-1's). A world
+model that simulates actions is closer to the real frames under the true actions, most of all on the pixels
+that move (the gripper, pushed objects): `moving_l1` is the L1 over pixels where the real frame differs from
+o_0. An action-blind model has `moving_l1_own == moving_l1_swapped` (ratio 1). Writes metrics.json and a PNG
+(real / own actions / swapped actions rows per episode).
 """
 from __future__ import annotations
 
@@ -19,25 +24,63 @@ from ..config import ConfigError
 
 @dataclass
 class WMEvalConfig:
-    wm: str = ""  # HF LlamaForCausalLM directory (pretrain-wm writes out_dir/world_model)
-    tokenizer: str = ""
+    wm: str = ""  # world dir (pretrain-wm writes out_dir/world_model): HF weights + tokenizer copy + manifest
+    tokenizer: str = ""  # "" = the world dir's own copy
     demos: str = ""
-    action_ranges: str = ""  # ActionDiscretizer json; default: WM_DIR/action_ranges.json (pretrain-wm), else fit on the demos
+    action_ranges: str = ""  # "" = the world dir's own
     out_dir: str = "runs/wm_eval"
     frames: int = 8
     episodes: int = 8
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    swap: bool = True  # also roll out under another episode's actions (action-sensitivity)
     strip_episodes: int = 4
     device: str = "auto"
 
     def validate(self) -> None:
-        for k in ("wm", "tokenizer", "demos"):
+        for k in ("wm", "demos"):
             if not getattr(self, k):
                 raise ConfigError(f"wm-eval needs {k}=<path>")
         if self.frames < 1 or self.episodes < 1:
             raise ConfigError("frames and episodes must be >= 1")
+
+
+@torch.no_grad()
+def evaluate_world(world, video: torch.Tensor, actions: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int = 0, swap: bool = True, lpips_model=None) -> tuple[dict, dict]:
+    """video (E, T+1, H, W, 3) uint8, actions (E, T, A) raw -> (metrics, {"real", "own", "swapped"} frames)."""
+    from .. import metrics as M
+    dev = world.world_model.output.weight.device
+    clip = video.permute(0, 1, 4, 2, 3).float().div(255).to(dev)  # (E, T+1, 3, H, W)
+    E, T = clip.shape[0], clip.shape[1] - 1
+    if clip.shape[-1] != world.image_size:
+        raise ValueError(f"demo frames are {clip.shape[-1]}px, the world's tokenizer takes {world.image_size}px")
+    start, real = clip[:, 0], clip[:, 1:]
+    moving = M.moving_mask(real, start)
+    runs = {"own": actions}
+    if swap and E >= 2:
+        runs["swapped"] = actions.roll(1, 0)  # episode e under episode e-1's actions, same start frame
+    res: dict = {"episodes": E, "frames": T, "temperature": temperature,
+                 "moving_pixel_fraction": float(moving.float().mean())}
+    out = {"real": real}
+    for name, acts in runs.items():
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        pred = world.imagine(start, acts.to(dev), temperature=temperature, top_p=top_p, generator=gen)[:, 0].float()
+        out[name] = pred
+        a, b = pred.flatten(0, 1), real.flatten(0, 1)
+        sfx = "" if name == "own" else "_swapped"
+        res.update({f"mse{sfx}": float(M.mse(a, b).mean()), f"psnr{sfx}": float(M.psnr(a, b).mean()),
+                    f"l1{sfx}": float((a - b).abs().mean()), f"moving_l1{sfx}": float(M.masked_l1(pred, real, moving))})
+        if name == "own":
+            res["ssim"] = float(M.ssim(a, b).mean())
+            if lpips_model is not None:
+                res["lpips"] = float(lpips_model(a, b, zero_one=True).mean())
+    if "swapped" in out:
+        res["moving_l1_gap"] = res["moving_l1_swapped"] - res["moving_l1"]
+        res["moving_l1_ratio"] = res["moving_l1"] / max(res["moving_l1_swapped"], 1e-12)  # < 1: reacts to actions
+        res["own_vs_swapped_mean_abs"] = float((out["own"] - out["swapped"]).abs().mean())
+    return res, out
 
 
 def main(argv: list[str]) -> int:
@@ -46,57 +89,28 @@ def main(argv: list[str]) -> int:
         return 0
     from .. import metrics
     from ..data.demos import load_demos
-    from ..layout import ActionDiscretizer
-    from ..models.tokenizer import VisualTokenizer
-    from ..models.world_model import WorldModel
+    from ..models.world import LearnedWorld
     from ..utils import resolve_device
     from ..viz import save_frame_grid
 
     dev = resolve_device(cfg.device)
-    tok = VisualTokenizer.load(cfg.tokenizer).to(dev).eval()
-    wm = WorldModel.from_pretrained(cfg.wm, device=dev)
-    layout = tok.layout
-    if wm.config.num_codes != layout.num_codes or wm.config.vocab_size != layout.vocab_size:
-        raise ValueError(f"world model (num_codes {wm.config.num_codes}, vocab {wm.config.vocab_size}) and tokenizer "
-                         f"(num_codes {layout.num_codes}, vocab {layout.vocab_size}) disagree; pair matching checkpoints")
+    world = LearnedWorld.load(cfg.wm, tokenizer=cfg.tokenizer or None, action_ranges=cfg.action_ranges or None,
+                              device=dev)
     demos = load_demos(cfg.demos)
     video = torch.as_tensor(demos["frames"])[:cfg.episodes]
-    acts = torch.as_tensor(demos["actions"]).float()
-    beside_wm = Path(cfg.wm) / "action_ranges.json"
-    if cfg.action_ranges:
-        disc = ActionDiscretizer.load(cfg.action_ranges)
-    elif beside_wm.is_file():  # the ranges the world model was trained with
-        disc = ActionDiscretizer.load(beside_wm)
-    else:
-        print(f"wm-eval: no {beside_wm}; fitting action ranges on the demos (pass action_ranges= to match training)")
-        disc = ActionDiscretizer.from_dataset(acts)
-    acts = acts[:cfg.episodes]
     T = min(cfg.frames, video.shape[1] - 1)
-    clip = video[:, :T + 1].permute(0, 1, 4, 2, 3).float().div(255).to(dev)  # (E, T+1, 3, H, W)
-    E = clip.shape[0]
-    ctx = tok.encode_context(clip[:, 0])
-    dyn0 = tok.encode_dynamics(clip[:, 0], clip[:, 0])
-    bins = disc.encode(acts[:, :T]).to(dev)
-    prompt = torch.cat([layout.context_to_vocab(ctx), layout.dynamics_to_vocab(dyn0), layout.bins_to_vocab(bins[:, 0])], 1)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    out = wm.rollout(prompt, layout.bins_to_vocab(bins[:, 1:T]), tokens_per_frame=layout.dynamics_tokens,
-                     temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
-    pred = tok.decode(ctx, layout.vocab_to_dynamics(out))  # (E, T, 3, H, W)
-    real = clip[:, 1:T + 1]
-    a, b = pred.flatten(0, 1).float(), real.flatten(0, 1).float()
-    res = {"mse": float(metrics.mse(a, b).mean()), "psnr": float(metrics.psnr(a, b).mean()),
-           "ssim": float(metrics.ssim(a, b).mean()), "episodes": E, "frames": T}
-    lp = metrics.load_lpips(device=dev)
-    if lp is not None:
-        with torch.no_grad():
-            res["lpips"] = float(lp(a, b, zero_one=True).mean())
+    acts = torch.as_tensor(demos["actions"]).float()[:cfg.episodes, :T]
+    res, frames = evaluate_world(world, video[:, :T + 1], acts, cfg.temperature, cfg.top_p, cfg.seed, cfg.swap,
+                                 metrics.load_lpips(device=dev))
     outd = Path(cfg.out_dir)
     outd.mkdir(parents=True, exist_ok=True)
     rows, labels = [], []
-    for e in range(min(cfg.strip_episodes, E)):
-        rows += [real[e].cpu(), pred[e].cpu()]
-        labels += [f"real {e}", f"wm {e}"]
-    save_frame_grid(rows, outd / "rollouts.png", labels=labels)
+    for e in range(min(cfg.strip_episodes, res["episodes"])):
+        for name in frames:
+            rows.append(frames[name][e].cpu())
+            labels.append(f"{name} {e}" if name == "real" else f"wm {e} ({name} actions)")
+    save_frame_grid(rows, outd / "rollouts.png", labels=labels, col_labels=[f"t={t}" for t in range(1, T + 1)],
+                    title=f"world model vs real frames o_1..o_{T}: under the episode's own actions and another's")
     (outd / "metrics.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps(res))
+    print("wm-eval: " + json.dumps(res))
     return 0

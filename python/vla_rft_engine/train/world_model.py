@@ -11,6 +11,7 @@ demos here (written to out_dir/segments.pt and reused on resume).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,11 @@ class WMTrainConfig:
     steps: int = 1000  # paper: 150k
     batch_size: int = 16  # paper: 16
     lr: float = 5e-5  # paper
+    lr_schedule: str = "constant"  # constant (paper) | cosine: decays to lr / 10 by the last step
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    change_weight: float = 0.0  # > 0: tokens that change from the previous frame weigh 1 + this (0: Eq. 3 MLE)
+    structured_init: bool = True  # from scratch: code/action embeddings start from their FSQ digits / bin values
     dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     log_every: int = 10
     ckpt_every: int = 200
@@ -54,20 +58,33 @@ class WMTrainConfig:
                               "tokenizer=<dir> to tokenize demos here")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("steps, batch_size must be >= 1 and lr > 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
 
 
-def masked_nll(wm: WorldModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_nll(wm: WorldModel, ids: torch.Tensor, mask: torch.Tensor, change_weight: float = 0.0,
+               frame_step: int = 0) -> torch.Tensor:
     """Mean next-token NLL over the masked targets. The vocabulary projection runs only at those positions
-    (the generated frames' tokens, ~60% of a segment): the same loss, and the (B, L, V) logits never exist."""
+    (the generated frames' tokens, ~60% of a segment): the same loss, and the (B, L, V) logits never exist.
+
+    change_weight > 0: a weighted mean where a target whose id differs from the token at the same place one
+    frame earlier (`frame_step` = dynamics + action tokens back) weighs 1 + change_weight. change_weight=0 is
+    Eq. 3's plain MLE."""
     x = ids[:, :-1]
     wm.check_ids(x)
     B, L = x.shape
     h = wm.hidden(x, torch.arange(L, device=x.device).expand(B, L))
     m = mask[:, 1:]
-    nll = F.cross_entropy(wm.output(h[m]).float(), ids[:, 1:][m], reduction="sum")
-    return nll / m.sum().clamp_min(1)  # no masked target: 0, not NaN
+    tgt = ids[:, 1:]
+    nll = F.cross_entropy(wm.output(h[m]).float(), tgt[m], reduction="none")
+    if change_weight <= 0:
+        return nll.sum() / m.sum().clamp_min(1)  # no masked target: 0, not NaN
+    prev = torch.full_like(tgt, -1)
+    prev[:, frame_step:] = tgt[:, :-frame_step]  # masked targets are frames >= 1: their previous frame exists
+    w = 1.0 + change_weight * (tgt != prev)[m].float()
+    return (nll * w).sum() / w.sum().clamp_min(1)
 
 
 def _segments_from_demos(cfg: WMTrainConfig, out: Path, dev) -> dict:
@@ -84,6 +101,57 @@ def _segments_from_demos(cfg: WMTrainConfig, out: Path, dev) -> dict:
     seg = build_segments(demos, tok, disc, frames=cfg.segment_frames, stride=cfg.segment_stride, device=dev)
     save_segments(seg, path)
     return seg
+
+
+def lr_at(step: int, cfg: WMTrainConfig) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / max(cfg.steps, 1), 1.0))))
+
+
+def structured_token_init(wm: WorldModel, layout: TokenLayout, fsq_levels, seed: int = 0, std: float = 0.02) -> None:
+    """Start the token embeddings (and the dynamics-code rows of the LM head) from what the ids mean instead of
+    i.i.d. noise: an FSQ code from its digits (codes that differ in one digit start close), an action bin from
+    its value (bin 200 of 256 starts between 199 and 201), each through a random linear map, plus noise.
+    Each of the 4375 codes and 256 bins is otherwise an unrelated vector that a small data set visits rarely;
+    with this start a world model learns that "dx = +0.8" and "dx = +0.9" move the gripper alike."""
+    from ..models.quantizers import fsq_indices_to_codes
+    g = torch.Generator().manual_seed(seed + 7)
+    D = wm.config.dim
+    emb, head = wm.tok_embeddings.weight, wm.output.weight
+
+    def lin(x, k):  # x (n, k) in [-1, 1] -> (n, D) through a random map, plus noise
+        return x @ (torch.randn(k, D, generator=g) * 2 * std) + torch.randn(x.shape[0], D, generator=g) * 0.2 * std
+    with torch.no_grad():
+        if fsq_levels:
+            codes = fsq_indices_to_codes(torch.arange(layout.num_codes), fsq_levels)  # (n, len(levels))
+            k = codes.shape[1]
+            emb[layout.dynamics_offset:layout.dynamics_offset + layout.num_codes] = lin(codes, k)
+            emb[layout.context_offset:layout.context_offset + layout.num_codes] = lin(codes, k)
+            head[:layout.num_codes] = lin(codes, k)
+        vals = (torch.arange(layout.num_action_bins, dtype=torch.float32) + 0.5) / layout.num_action_bins * 2 - 1
+        emb[layout.action_offset:layout.action_offset + layout.num_action_bins] = lin(
+            torch.stack([vals, torch.ones_like(vals)], 1), 2)
+
+
+def _finish_world_dir(cfg: WMTrainConfig, seg: dict, path: Path) -> None:
+    """Action ranges, the tokenizer and the manifest beside the HF weights: a LearnedWorld directory."""
+    if not seg.get("action_ranges"):
+        return
+    disc = ActionDiscretizer(**seg["action_ranges"])
+    if not cfg.tokenizer:  # segments alone: the weights and ranges, no tokenizer to record
+        disc.save(path / "action_ranges.json")
+        print(f"pretrain-wm: no tokenizer= given, so {path} has no tokenizer copy or manifest; pass tokenizer=DIR "
+              "when loading it")
+        return
+    from ..models.tokenizer import VisualTokenizer
+    from ..models.world import save_world_dir, tokenizer_hash
+    tok = VisualTokenizer.load(cfg.tokenizer)
+    made_by = seg.get("tokenizer_sha256")
+    if made_by and made_by != tokenizer_hash(tok):
+        raise ValueError(f"the segments were tokenized by another tokenizer (hash {made_by}) than tokenizer="
+                         f"{cfg.tokenizer} ({tokenizer_hash(tok)}); pass the tokenizer that made them")
+    save_world_dir(path, tok, disc)
 
 
 def main(argv: list[str]) -> int:
@@ -115,10 +183,14 @@ def train(cfg: WMTrainConfig) -> dict:
             sizes = {"vocab_size": tl.vocab_size, "num_codes": tl.num_codes}
         wm = init_weights(WorldModel(WorldModelConfig.preset(cfg.preset, max_position=max(2048, ids.shape[1]), **sizes)),
                           seed=cfg.seed)
+        if cfg.structured_init and lay:
+            structured_token_init(wm, tl, seg.get("fsq_levels"), cfg.seed)
     wm.check_ids(ids, "segments ids")
     if ids.shape[1] > wm.config.max_position:
         raise ValueError(f"segments have {ids.shape[1]} tokens, the model {wm.config.max_position} positions")
     wm.to(dev).train()
+    lay = TokenLayout(**seg["layout"]) if seg.get("layout") else TokenLayout()
+    frame_step = lay.dynamics_tokens + lay.action_dim
     opt = torch.optim.AdamW(wm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path, step = out / "ckpt.pt", 0
     if cfg.resume and ckpt_path.is_file():
@@ -133,9 +205,11 @@ def train(cfg: WMTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-wm", dynamic_ncols=True, disable=not cfg.progress)
     loss = torch.tensor(float("nan"))
     while step < cfg.steps:
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, cfg)
         idx = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
         with autocast:
-            loss = masked_nll(wm, ids[idx].to(dev), mask[idx].to(dev))
+            loss = masked_nll(wm, ids[idx].to(dev), mask[idx].to(dev), cfg.change_weight, frame_step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
@@ -143,7 +217,7 @@ def train(cfg: WMTrainConfig) -> dict:
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.log(step, {"loss": loss.item(), "grad_norm": float(gnorm), "lr": cfg.lr})
+            log.log(step, {"loss": loss.item(), "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"]})
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             atomic_save({"model": wm.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -151,7 +225,6 @@ def train(cfg: WMTrainConfig) -> dict:
     bar.close()
     log.close()
     wm.eval().save_pretrained(out / "world_model")
-    if seg.get("action_ranges"):
-        ActionDiscretizer(**seg["action_ranges"]).save(out / "world_model" / "action_ranges.json")
+    _finish_world_dir(cfg, seg, out / "world_model")
     print(f"pretrain-wm: {step} steps, world model written to {out / 'world_model'}")
     return {"step": step, "loss": float(loss.detach()), "world_model": str(out / "world_model")}
