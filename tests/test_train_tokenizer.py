@@ -60,3 +60,15 @@ def test_pretrain_tokenizer_uses_lpips_when_weights_are_on_disk(tmp_path, monkey
     assert cli(["pretrain-tokenizer", f"out_dir={out}", "steps=2", "lpips_weight=0.1", *TINY]) == 0
     ev = json.loads((out / "eval.json").read_text())
     assert ev["lpips_used"] is True and np.isfinite(ev["lpips"]) and ev["lpips"] >= 0
+
+
+def test_motion_weights_mark_the_pixels_that_moved():
+    import torch
+    from vla_rft_engine.train.tokenizer import motion_weights
+    ctx = torch.zeros(1, 3, 4, 4)
+    frames = torch.zeros(1, 2, 3, 4, 4)
+    frames[0, 1, 2, 1, 1] = 0.5  # frame 1: one pixel changed in one channel
+    frames[0, 0, 0, 3, 3] = 0.05  # frame 0: a change below the threshold
+    w = motion_weights(ctx, frames, 20.0)
+    assert w.shape == (1, 2, 1, 4, 4) and w[0, 1, 0, 1, 1] == 21 and (w.sum() - 21) == 31  # the rest weigh 1
+    assert torch.equal(motion_weights(ctx, frames, 0.0), torch.ones(1, 2, 1, 4, 4))

@@ -46,9 +46,8 @@ def _tokenizer() -> TokenizerTrainConfig:
 
 
 def _world_model() -> WMTrainConfig:
-    # action-sensitivity needs steps: the swap ratio was 1.01 at 800 steps, 0.88 at 3000 (constant lr)
-    return WMTrainConfig(preset="tiny", steps=3000, batch_size=8, lr=2e-3, lr_schedule="cosine", change_weight=5.0,
-                         ckpt_every=500)
+    # action sensitivity takes steps: moving-pixel swap ratio 1.01 after 800 steps, 0.88 after 3000
+    return WMTrainConfig(preset="tiny", steps=3000, batch_size=8, lr=2e-3, change_weight=5.0, ckpt_every=500)
 
 
 def _sft() -> SFTConfig:
@@ -57,9 +56,13 @@ def _sft() -> SFTConfig:
 
 def _rft() -> RFTConfig:
     r = RFTConfig(ckpt_every=5, image_every=5, states_per_block=4)  # one WM call per step: batched rows
-    # few steps instead of Table 7's 400: lrs scaled up so the policy can move in that budget
-    r.grpo.steps, r.grpo.task_instances, r.grpo.rollouts, r.grpo.warmup_steps = 15, 4, 8, 2
-    r.grpo.lr, r.grpo.sigma_lr = 3e-5, 3e-4
+    # Chosen on the validation episodes (eval_seed=50000). Greedy world model: at temperature 1 its sampling
+    # noise (reward std 0.0074 over re-samples of one chunk) matched the in-group std (0.0087) and the reward
+    # ranked chunks at random (Spearman -0.01); greedy, the noise is 0 and Spearman ~0.1. Sigma restarted at
+    # 0.1 so the group's chunks differ; lrs as the R1 control found (1e-4 on the action head hurt).
+    r.wm_temperature, r.sigma_init = 0.0, 0.1
+    r.grpo.steps, r.grpo.task_instances, r.grpo.rollouts, r.grpo.warmup_steps = 30, 4, 8, 2
+    r.grpo.lr, r.grpo.sigma_lr = 1e-5, 1e-4
     r.reward.allow_l1_only_fallback = True  # LPIPS backbone weights are rarely on a fresh laptop
     return r
 

@@ -79,7 +79,8 @@ class LearnedWorld:
         save_world_dir(path, self.tokenizer, self.discretizer)
 
     @classmethod
-    def load(cls, path: str | Path, tokenizer: str | Path | None = None, action_ranges: str | Path | None = None,
+    def load(cls, path: str | Path, tokenizer: str | Path | None = None,
+             action_ranges: str | Path | ActionDiscretizer | None = None,
              device="cpu", dtype: torch.dtype = torch.float32, attn_backend: str | None = None) -> "LearnedWorld":
         """`tokenizer` / `action_ranges` default to the copies inside the world directory."""
         from .tokenizer import VisualTokenizer
@@ -94,8 +95,10 @@ class LearnedWorld:
             raise FileNotFoundError(f"no tokenizer at {tok_path}: pass tokenizer=DIR (the one the world model was "
                                     "trained on; `vla-rft pretrain-tokenizer` writes DIR/tokenizer.pt)")
         tok = VisualTokenizer.load(tok_path).to(device).eval()
-        ar = Path(action_ranges) if action_ranges else path / "action_ranges.json"
-        if ar.is_file() or action_ranges:
+        ar = Path(action_ranges) if isinstance(action_ranges, (str, Path)) else path / "action_ranges.json"
+        if isinstance(action_ranges, ActionDiscretizer):
+            disc = action_ranges
+        elif ar.is_file() or action_ranges:
             disc = ActionDiscretizer.load(ar)
         elif man is not None:
             disc = ActionDiscretizer(**man["action_ranges"])
@@ -178,7 +181,8 @@ def _read_manifest(path: Path) -> dict | None:
 def _check_manifest(man: dict, tok, disc: ActionDiscretizer, path: Path, tok_path: Path) -> None:
     want, got = man["layout"], asdict(tok.layout)
     diff = [f"{k} {want.get(k)} vs {got.get(k)}" for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
-    cdiff = [f"{k} {man['tokenizer_config'].get(k)!r} vs {v!r}" for k, v in _cfg(tok).items()
+    from ..config import to_dict
+    cdiff = [f"{k} {man['tokenizer_config'].get(k)!r} vs {v!r}" for k, v in to_dict(tok.cfg).items()
              if man["tokenizer_config"].get(k) != v]
     if diff or cdiff:
         raise ValueError(f"tokenizer {tok_path} does not match the one world model {path} was trained with "
@@ -191,11 +195,6 @@ def _check_manifest(man: dict, tok, disc: ActionDiscretizer, path: Path, tok_pat
             and torch.allclose(disc.high, torch.tensor(r["high"], dtype=torch.float64)) and disc.num_bins == r["num_bins"]):
         raise ValueError(f"action ranges differ from the ones world model {path} was trained with ({MANIFEST}); "
                          "drop action_ranges= to use the world directory's own")
-
-
-def _cfg(tok) -> dict:
-    from ..config import to_dict
-    return to_dict(tok.cfg)
 
 
 def save_world_dir(path: str | Path, tok, disc: ActionDiscretizer) -> None:

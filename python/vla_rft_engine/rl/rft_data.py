@@ -53,8 +53,7 @@ def load_world(cfg, device, dtype: torch.dtype):
         seg = load_checkpoint(require(cfg.segments, "action_ranges"), "tokenized segments file")
         if "action_ranges" not in seg:
             raise ValueError(f"{cfg.segments} has no action_ranges; rebuild it with data.segments.build_segments")
-        ranges = p / "action_ranges.json"
-        ActionDiscretizer(**seg["action_ranges"]).save(ranges)
+        ranges = ActionDiscretizer(**seg["action_ranges"])
     if tok is None and not (p / "tokenizer").is_dir():
         raise FileNotFoundError(f"RFT needs the tokenizer checkpoint: {p} holds no tokenizer copy and tokenizer= is "
                                 f"unset; make it with: {MAKES['tokenizer']}")

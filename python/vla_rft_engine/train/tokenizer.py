@@ -225,10 +225,11 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             ctx, tgt = ctx.to(device), tgt.to(device)
         with nvtx_range("tokenizer/step"):
             rc, rd, aux = tok(ctx, tgt)
-            rec = F.mse_loss(rc, ctx) + F.mse_loss(rd, tgt)
             w = motion_weights(ctx, tgt, cfg.motion_weight)
-            loss = (F.mse_loss(rc, ctx) + ((rd - tgt).pow(2) * w).mean()
-                    + cfg.l1_weight * ((rc - ctx).abs().mean() + ((rd - tgt).abs() * w).mean()) + aux)
+            mse_c, err_d = F.mse_loss(rc, ctx), rd - tgt
+            rec = mse_c + err_d.pow(2).mean()  # unweighted: what the logs and PSNR report
+            loss = (mse_c + (err_d.pow(2) * w).mean()
+                    + cfg.l1_weight * ((rc - ctx).abs().mean() + (err_d.abs() * w).mean()) + aux)
             if lp is not None:
                 loss = loss + cfg.lpips_weight * (lp(rc, ctx, zero_one=True, check_range=False).mean()
                                                   + lp(rd, tgt, zero_one=True, check_range=False).mean())

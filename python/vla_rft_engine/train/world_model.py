@@ -11,7 +11,6 @@ demos here (written to out_dir/segments.pt and reused on resume).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,6 @@ class WMTrainConfig:
     steps: int = 1000  # paper: 150k
     batch_size: int = 16  # paper: 16
     lr: float = 5e-5  # paper
-    lr_schedule: str = "constant"  # constant (paper) | cosine: decays to lr / 10 by the last step
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     change_weight: float = 0.0  # > 0: tokens that change from the previous frame weigh 1 + this (0: Eq. 3 MLE)
@@ -58,8 +56,6 @@ class WMTrainConfig:
                               "tokenizer=<dir> to tokenize demos here")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("steps, batch_size must be >= 1 and lr > 0")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
 
@@ -101,12 +97,6 @@ def _segments_from_demos(cfg: WMTrainConfig, out: Path, dev) -> dict:
     seg = build_segments(demos, tok, disc, frames=cfg.segment_frames, stride=cfg.segment_stride, device=dev)
     save_segments(seg, path)
     return seg
-
-
-def lr_at(step: int, cfg: WMTrainConfig) -> float:
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / max(cfg.steps, 1), 1.0))))
 
 
 def structured_token_init(wm: WorldModel, layout: TokenLayout, fsq_levels, seed: int = 0, std: float = 0.02) -> None:
@@ -205,8 +195,6 @@ def train(cfg: WMTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-wm", dynamic_ncols=True, disable=not cfg.progress)
     loss = torch.tensor(float("nan"))
     while step < cfg.steps:
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, cfg)
         idx = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
         with autocast:
             loss = masked_nll(wm, ids[idx].to(dev), mask[idx].to(dev), cfg.change_weight, frame_step)
@@ -217,7 +205,7 @@ def train(cfg: WMTrainConfig) -> dict:
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.log(step, {"loss": loss.item(), "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"]})
+            log.log(step, {"loss": loss.item(), "grad_norm": float(gnorm), "lr": cfg.lr})
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             atomic_save({"model": wm.state_dict(), "optimizer": opt.state_dict(), "step": step,
