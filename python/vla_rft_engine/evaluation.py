@@ -101,7 +101,7 @@ def table_markdown(table: dict, seeds: list[int], task: str, episodes: int, rewa
     for s in seeds:
         lines.append(f"| {s} | " + " | ".join(f"{table[c]['per_seed'][s]['sft']:.0f} → {table[c]['per_seed'][s]['rft']:.0f}"
                                                for c in cols) + " |")
-    avg = float(np.mean([table[c]["delta"] for c in cols]))
+    avg = round(float(np.mean([table[c]["delta"] for c in cols])), 6) + 0.0  # no "-0.0"
     interval = ""
     if ci is not None:
         interval = f" (paired bootstrap 95% interval [{ci['lo']:+.1f}, {ci['hi']:+.1f}] over {ci['episodes']} episode pairs)"
@@ -145,7 +145,7 @@ def rft_signal(histories: dict) -> dict:
 def reward_note(design: str, signal: dict, wm: dict) -> str:
     """What the reward was, and the numbers that say whether it carried action signal."""
     lp = [v["lpips_used"] for v in signal.values() if np.isfinite(v["lpips_used"])]
-    terms = "L1 + LPIPS" if lp and min(lp) > 0 else "L1 only (LPIPS backbone weights absent, they cannot be downloaded)"
+    terms = "L1 + LPIPS" if lp and min(lp) > 0 else "L1 only: the LPIPS backbone weights are absent and are never downloaded"
     what = {"r3": f"R3 (Eq. 11, {terms}): world-model frames under the policy's chunk vs under the dataset chunk, "
                   "same world model, same start",
             "r2": f"R2 ({terms}): world-model frames under the policy's chunk vs the dataset frames",
