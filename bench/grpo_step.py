@@ -101,16 +101,17 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats(dev)
     records = [run.step(a.warmup + i)[0] for i in range(a.repeats)]
     keys = [k for k in records[0] if k.startswith("time/")]
-    lay = run.layout
+    lay, M = run.world.layout, run.cfg.noise_rows
     rec = {"bench": "grpo_step", "device": device_name(dev), "shape": name, "start_states": shape["S"],
-           "rollouts": shape["N"], "wm_samples_per_state": shape["N"] + 1, "states_per_block": shape["block"],
-           "frames": shape["chunk"], "tokens_per_frame": lay.dynamics_tokens, "prompt_tokens": lay.prompt_tokens,
+           "rollouts": shape["N"], "wm_samples_per_state": shape["N"] + M + 1, "noise_rows": M,
+           "states_per_block": shape["block"], "frames": shape["chunk"], "tokens_per_frame": lay.dynamics_tokens,
+           "shared_prompt_tokens": lay.context_tokens + lay.dynamics_tokens, "own_prompt_tokens": lay.action_dim,
            "image_size": shape["image"], "wm_params": wm.num_params(), "wm_dtype": str(wm_dtype).split(".")[-1],
            "wm_attn_backend": wm.config.attn_backend, "lpips": "alex (random backbone)" if not a.no_lpips else "off",
            "repeats": a.repeats, "median_s": {k[5:]: statistics.median(r[k] for r in records) for k in keys},
            "all_s": {k[5:]: [r[k] for r in records] for k in keys}}
     st = rec["median_s"]["step"]
-    rec["rollouts_per_s"] = shape["S"] * (shape["N"] + 1) / st
+    rec["rollouts_per_s"] = shape["S"] * (shape["N"] + M + 1) / st
     if dev.type == "cuda":
         rec["peak_mem_gib"] = {k: v / 2**30 for k, v in run.phase_mem.items()}
         rec["peak_mem_gib"]["step"] = torch.cuda.max_memory_allocated(dev) / 2**30
