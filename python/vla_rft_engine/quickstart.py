@@ -178,9 +178,7 @@ class Quickstart:
             hist = train(self.rft_cfg(s))["history"]
             R = [h["reward/mean"] for h in hist]
             k = max(1, len(R) // 4)
-            rho = [h["signal/spearman_reward_vs_action"] for h in hist if np.isfinite(h["signal/spearman_reward_vs_action"])]
-            out[f"seed{s}"] = {"steps": len(R), "reward_first": float(np.mean(R[:k])), "reward_last": float(np.mean(R[-k:])),
-                               "spearman_reward_vs_action": float(np.mean(rho)) if rho else float("nan")}
+            out[f"seed{s}"] = {"steps": len(R), "reward_first": float(np.mean(R[:k])), "reward_last": float(np.mean(R[-k:]))}
         return out
 
     def stage_evaluate(self) -> dict:

@@ -130,12 +130,6 @@ class LearnedWorld:
             raise ValueError("actions contain NaN/inf; the policy or dataset produced invalid actions")
         return actions
 
-    @torch.no_grad()
-    def encode_start(self, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start frames (B, 3, H, W) -> (context ids, first-frame dynamics ids), tokenizer code ids."""
-        self._check_start(start)
-        start = start.to(self.tokenizer.ctx_to_code.weight.device)
-        return self.tokenizer.encode_context(start), self.tokenizer.encode_dynamics(start, start)
 
     @torch.no_grad()
     def imagine(self, start: torch.Tensor, actions: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
@@ -154,7 +148,8 @@ class LearnedWorld:
             acts = acts[:, None].expand(B, num_samples, *acts.shape[1:])
         N, T = acts.shape[1], acts.shape[2]
         lay, dev = self.layout, self.world_model.output.weight.device
-        ctx, dyn0 = self.encode_start(start)
+        ctx, dyn0 = self.tokenizer.encode_clip(start.to(self.tokenizer.ctx_to_code.weight.device)[:, None])  # o_0 is both
+        dyn0 = dyn0[:, 0]
         bins = lay.bins_to_vocab(self.discretizer.encode(acts.to(dev))).flatten(0, 1)  # (B*N, T, A)
         shared = torch.cat([lay.context_to_vocab(ctx), lay.dynamics_to_vocab(dyn0)], 1)  # ctx + dyn0, once per group
         ids = self.world_model.rollout(shared, bins[:, 1:], tokens_per_frame=lay.dynamics_tokens, num_samples=N,

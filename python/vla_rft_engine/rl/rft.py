@@ -37,10 +37,10 @@ import torch.nn as nn
 
 from ..cli import parse_command
 from ..config import ConfigError, save_config, to_dict
+from ..metrics import spearman
 from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, read_jsonl
 from . import distributed as du
 from .grpo import approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
-from ..metrics import spearman
 from .rewards import verified_reward
 from .rft_config import CKPT_FORMAT, RFTConfig, config_hash, hashed_fields
 

@@ -40,9 +40,6 @@ def load_world(cfg, device, dtype: torch.dtype):
     from ..models.world import LearnedWorld
     from ..utils import load_checkpoint
     p = require(cfg.world_model, "world_model", "dir")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p}/config.json not found: world_model= must be the directory that "
-                                f"{MAKES['world_model']}")
     tok = require(cfg.tokenizer, "tokenizer") if cfg.tokenizer else None
     ranges = cfg.action_ranges or None
     if ranges is None and not (p / "action_ranges.json").is_file() and not (p / "world.json").is_file():
@@ -54,9 +51,6 @@ def load_world(cfg, device, dtype: torch.dtype):
         if "action_ranges" not in seg:
             raise ValueError(f"{cfg.segments} has no action_ranges; rebuild it with data.segments.build_segments")
         ranges = ActionDiscretizer(**seg["action_ranges"])
-    if tok is None and not (p / "tokenizer").is_dir():
-        raise FileNotFoundError(f"RFT needs the tokenizer checkpoint: {p} holds no tokenizer copy and tokenizer= is "
-                                f"unset; make it with: {MAKES['tokenizer']}")
     return LearnedWorld.load(p, tokenizer=tok, action_ranges=ranges, device=device, dtype=dtype,
                              attn_backend=cfg.wm_attn_backend or None)
 

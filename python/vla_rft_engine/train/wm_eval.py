@@ -58,15 +58,16 @@ def evaluate_world(world, video: torch.Tensor, actions: torch.Tensor, temperatur
         raise ValueError(f"demo frames are {clip.shape[-1]}px, the world's tokenizer takes {world.image_size}px")
     start, real = clip[:, 0], clip[:, 1:]
     moving = M.moving_mask(real, start)
-    runs = {"own": actions}
-    if swap and E >= 2:
-        runs["swapped"] = actions.roll(1, 0)  # episode e under episode e-1's actions, same start frame
+    names = ["own", "swapped"] if swap and E >= 2 else ["own"]
+    # episode e under its own actions and under episode e-1's: two rollouts of one group, one engine call
+    acts = torch.stack([actions, actions.roll(1, 0)][:len(names)], 1).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    preds = world.imagine(start, acts, temperature=temperature, top_p=top_p, generator=gen).float()
     res: dict = {"episodes": E, "frames": T, "temperature": temperature,
                  "moving_pixel_fraction": float(moving.float().mean())}
     out = {"real": real}
-    for name, acts in runs.items():
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        pred = world.imagine(start, acts.to(dev), temperature=temperature, top_p=top_p, generator=gen)[:, 0].float()
+    for i, name in enumerate(names):
+        pred = preds[:, i]
         out[name] = pred
         a, b = pred.flatten(0, 1), real.flatten(0, 1)
         sfx = "" if name == "own" else "_swapped"
