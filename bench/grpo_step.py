@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import device_name, emit  # noqa: E402
+from bench.common import device_name, emit, parse_args, profiled  # noqa: E402
 
 SHAPES = {
     "paper": dict(S=16, N=16, chunk=8, image=256, tok_channels=[32, 64, 128, 128], levels=[7, 5, 5, 5, 5],
@@ -41,7 +41,7 @@ def build_run(shape: dict, device: torch.device, wm_dtype: torch.dtype, lpips: b
     from vla_rft_engine.models.tokenizer import TokenizerConfig, VisualTokenizer
     from vla_rft_engine.models.world import LearnedWorld
     from vla_rft_engine.models.world_model import WorldModel, WorldModelConfig, init_weights
-    from vla_rft_engine.rl import distributed as du
+    from vla_rft_engine import distributed as du
     from vla_rft_engine.rl.lpips import LPIPS
     from vla_rft_engine.rl.rft import RFTConfig, RFTRun
     from vla_rft_engine.rl.rft_data import StartStates
@@ -54,8 +54,7 @@ def build_run(shape: dict, device: torch.device, wm_dtype: torch.dtype, lpips: b
     lay = tok.layout
     prompt_plus_rollout = lay.prompt_tokens + shape["chunk"] * lay.frame_step_tokens
     wcfg = WorldModelConfig.preset(shape["wm"], vocab_size=lay.vocab_size, num_codes=lay.num_codes,
-                                   max_position=max(2048, prompt_plus_rollout),
-                                   attn_backend="triton" if device.type == "cuda" else "sdpa")
+                                   max_position=max(2048, prompt_plus_rollout))  # production default backend
     wm = init_weights(WorldModel(wcfg), std=0.02).to(device=device, dtype=wm_dtype).eval()
     demos = synthetic_demos(shape["episodes"], steps=shape["ep_steps"], image_size=shape["image"], seed=seed)
     acts = torch.as_tensor(demos["actions"])
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: stable on a shared machine)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    a = parse_args(ap, argv)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     if dev.type == "cpu":
         torch.set_num_threads(a.threads)
@@ -92,14 +91,17 @@ def main(argv=None) -> int:
     for key, val in (("S", a.states), ("N", a.rollouts), ("block", a.block)):
         if val is not None:
             shape[key] = val
+    from vla_rft_engine.engine.attention import resolve_backend
     wm_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     run, wm = build_run(shape, dev, wm_dtype, lpips=not a.no_lpips)
+    run.cfg.profile = True  # per-phase times (syncs around each phase, as `vla-rft rft profile=true`)
     run.phase_mem = {}
     for i in range(a.warmup):
         run.step(i)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    records = [run.step(a.warmup + i)[0] for i in range(a.repeats)]
+    with profiled(a.profile, dev):
+        records = [run.step(a.warmup + i)[0] for i in range(a.repeats)]
     keys = [k for k in records[0] if k.startswith("time/")]
     lay, M = run.world.layout, run.cfg.noise_rows
     rec = {"bench": "grpo_step", "device": device_name(dev), "shape": name, "start_states": shape["S"],
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
            "states_per_block": shape["block"], "frames": shape["chunk"], "tokens_per_frame": lay.dynamics_tokens,
            "shared_prompt_tokens": lay.context_tokens + lay.dynamics_tokens, "own_prompt_tokens": lay.action_dim,
            "image_size": shape["image"], "wm_params": wm.num_params(), "wm_dtype": str(wm_dtype).split(".")[-1],
-           "wm_attn_backend": wm.config.attn_backend, "lpips": "alex (random backbone)" if not a.no_lpips else "off",
+           "wm_attn_backend": f"{wm.config.attn_backend} -> {resolve_backend(wm.config.attn_backend, dev)}", "lpips": "alex (random backbone)" if not a.no_lpips else "off",
            "repeats": a.repeats, "median_s": {k[5:]: statistics.median(r[k] for r in records) for k in keys},
            "all_s": {k[5:]: [r[k] for r in records] for k in keys}}
     st = rec["median_s"]["step"]

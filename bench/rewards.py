@@ -24,7 +24,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import device_name, emit, time_fn  # noqa: E402
+from bench.common import device_name, emit, parse_args, time_fn  # noqa: E402
 
 S, ROLLOUTS, T = 16, 17, 8
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--net", default="alex", choices=["alex", "vgg"])
     ap.add_argument("--weights", default="pnet_rand", choices=["pnet_rand", "pretrained"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     import lpips
 
     from vla_rft_engine.rl.lpips import LPIPS, get_lpips

@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import device_name, emit, time_fn  # noqa: E402
+from bench.common import device_name, emit, parse_args, time_fn  # noqa: E402
 
 B, N, T, A, K = 16, 16, 8, 7, 10
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     dev = torch.device(args.device)
     if dev.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from bench.common import device_name, emit, time_fn
+from bench.common import device_name, emit, parse_args, time_fn
 from vla_rft_engine.ops import vq_decode as vqd
 from vla_rft_engine.utils import nvtx_range
 
@@ -79,7 +79,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1/16 of the frames (smoke run)")
     ap.add_argument("--out", default=None, help="also write the JSON record here")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     devs = [torch.device("cpu")] if args.device in ("auto", "cpu") else []

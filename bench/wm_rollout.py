@@ -1,21 +1,28 @@
-"""World-model rollout throughput: our engine vs the authors' protocol (transformers generate per frame,
-whole prefix re-sent), same weights, same batch, same run. One JSON record.
+"""World-model rollout throughput: our engine (the production default backend) against transformers baselines,
+same weights, same rows, same run. One JSON record.
 
-    python bench/wm_rollout.py           # CPU: small preset, the built-in pipeline's RFT shape
-    python bench/wm_rollout.py           # GPU: paper preset, bf16, triton, the paper's RFT shape
+    python bench/wm_rollout.py                  # CPU: small preset, the built-in pipeline's RFT shape, 1 thread
+    python bench/wm_rollout.py --profile        # GPU: paper preset, bf16; cudaProfilerStart/Stop for nsys
 
-Defaults by device (every one can be changed by its flag):
-  CPU  small preset, fp32, eager backend (the CPU decode path), 2 start states x 17 rollouts (16 sampled
-       + 1 reference, as in RFT), 8 frames of 64 tokens, 327-token prompt = the built-in tokenizer's layout
-       (256 context + 64 dynamics shared by a group + each rollout's own 7 a_0 tokens, Eq. 10). 2 start states, not 16: the baseline alone runs
-       minutes at this size on one core; --budget-s caps the baseline's repeats to keep the run short.
-  CUDA paper preset, bf16, triton, 16 start states x 17 rollouts, 8 frames, 1095-token prompt (paper layout:
-       1088 shared + 7 own). The baseline re-sends each rollout's whole 1095-token prompt per frame.
-Rollouts/s counts one (start state, sample) rollout of `frames` frames. Both sides report a phase
-breakdown: ours prefill / sampling / decode steps / action steps, the baseline prefill (the re-sent prefix,
-per frame) / decode (read off the logits processor's first call in each generate). On CUDA the record also gives the
-decode steps' achieved fraction of the HBM roofline: (weight bytes + KV bytes read per step) / step time
-/ peak bandwidth, peak from a table by device name (or --peak-gbps).
+Sides (every one rolls out the same G x N rows; each baseline row carries its own full prompt):
+  ours                 engine/rollout.py with the model's default attn_backend ("auto": triton on CUDA, the CPU
+                       decode path on the CPU): ctx + dyn0 prefilled once per group, each row's own a_0 after it.
+  hf_kv_cached         transformers, KV cache kept across frames: one prefill per row, one token per step, the
+                       frame's last token + next action as one step (engine/hf_protocol.py): what a competent user
+                       writes.
+  hf_static_compiled   (CUDA) hf_kv_cached with a StaticCache and torch.compile(mode="reduce-overhead") on the
+                       single-token step; --no-compile drops it.
+  hf_generate_per_frame  transformers generate per frame, the whole prefix re-sent every frame: the release's
+                       loop structure (the release runs it on vLLM, which is not measured here).
+Defaults by device (each has a flag):
+  CPU  small preset, fp32, 2 start states x 17 rollouts (16 sampled + 1 reference, as in RFT), 8 frames of 64
+       tokens, 327-token prompt = the built-in tokenizer's layout (256 context + 64 dynamics shared by a group +
+       7 own a_0 tokens, Eq. 10), 1 thread. --budget-s caps the slow baseline's repeats.
+  CUDA paper preset, bf16, 16 start states x 17 rollouts, 8 frames, 1095-token prompt (1088 shared + 7 own).
+Warm-up: one 1-frame rollout per side outside the timed region. Then the sides alternate per repeat, so a load
+change on a shared machine hits all of them. Rollouts/s counts one (start state, sample) rollout of `frames`
+frames. On CUDA the record gives the decode steps' fraction of the HBM roofline: (weight bytes + KV bytes read
+per step) / step time / peak bandwidth (peak from a table by device name, or --peak-gbps).
 """
 from __future__ import annotations
 
@@ -29,10 +36,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import device_name, emit, time_fn  # noqa: E402
+from bench.common import add_profile_flag, device_name, emit, profiled, time_fn  # noqa: E402
 
 PEAK_GBPS = {"H200": 4800, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "A100-SXM4-80GB": 2039, "A100": 1555,
              "A800": 2039, "RTX 4090": 1008, "L40S": 864, "L4": 300}
+LABELS = {
+    "ours": "engine rollout, production default backend, group-shared prompt prefix",
+    "hf_kv_cached": "transformers, KV cache kept across frames, one prefill per row (what a competent user writes)",
+    "hf_static_compiled": "transformers StaticCache + torch.compile(reduce-overhead) single-token step",
+    "hf_generate_per_frame": "transformers generate per frame, whole prefix re-sent (the release's loop structure; "
+                             "the release serves it with vLLM, not measured here)",
+}
 
 
 def peak_gbps(name: str, override: float | None) -> float | None:
@@ -42,6 +56,27 @@ def peak_gbps(name: str, override: float | None) -> float | None:
         if key in name:
             return v
     return None
+
+
+def roofline(wm, cfg, G, N, P, T, Fr, dtype, dev, t_ours, repeats, peak):
+    """Decode-step time = (rollout - prefill) / steps; bytes a step must read = weights + prefix KV (once per
+    group) + the average suffix KV."""
+    from vla_rft_engine.engine.kv_cache import RolloutCache
+    prompt = torch.randint(4375, 8750, (G, P), device=dev)
+
+    def prefill():
+        c = RolloutCache(cfg, G, N, P, T * Fr + (T - 1) * 7, dtype, dev)
+        with torch.no_grad():
+            wm.hidden(prompt, torch.arange(P, device=dev).expand(G, P), c)
+    t_pre = time_fn(prefill, repeats=repeats, warmup=1, device=dev)["median_s"]
+    step_s = max(t_ours - t_pre, 1e-9) / (T * Fr - 1)
+    el = torch.finfo(dtype).bits // 8
+    w_bytes = (wm.num_params() - wm.tok_embeddings.weight.numel()) * el
+    kv_prefix = cfg.n_layer * G * cfg.n_kv_head * P * cfg.head_dim * 2 * el
+    kv_suffix_avg = cfg.n_layer * G * N * cfg.n_kv_head * (T * (Fr + 7) / 2) * cfg.head_dim * 2 * el
+    b = w_bytes + kv_prefix + kv_suffix_avg
+    return {"prefill_s": t_pre, "step_s": step_s, "bytes_per_step": b, "peak_gbps": peak,
+            "achieved_gbps": b / step_s / 1e9, "roofline_fraction": (b / step_s / 1e9 / peak) if peak else None}
 
 
 def main(argv=None) -> int:
@@ -54,21 +89,25 @@ def main(argv=None) -> int:
                     help="default: 1095 on CUDA (paper layout), the built-in tokenizer's 327 on CPU")
     ap.add_argument("--tokens-per-frame", type=int, default=64)
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--backend", default=None, help="triton | sdpa | flash | eager (default triton on CUDA, eager on CPU)")
+    ap.add_argument("--backend", default=None, help="ours: auto | triton | sdpa | flash | eager (default: the "
+                    "model's default, auto)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--baseline-repeats", type=int, default=2, help="at most; see --budget-s")
-    ap.add_argument("--budget-s", type=float, default=330.0,
-                    help="skip further baseline repeats once another would end the bench past this many seconds")
+    ap.add_argument("--baseline-repeats", type=int, default=3, help="at most, for hf_generate_per_frame; see --budget-s")
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="skip further hf_generate_per_frame repeats once another would end the bench past this")
+    ap.add_argument("--no-compile", action="store_true", help="CUDA: leave out hf_static_compiled")
     ap.add_argument("--peak-gbps", type=float, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads for both sides (1: on a shared CPU, 2 threads spin against each other)")
+                    help="CPU threads for every side (1: on a shared CPU, 2 threads spin against each other)")
     ap.add_argument("--out", default=None)
+    add_profile_flag(ap)
     a = ap.parse_args(argv)
 
     from transformers import LlamaForCausalLM
 
-    from vla_rft_engine.engine.hf_protocol import hf_frame_by_frame
+    from vla_rft_engine.engine.attention import resolve_backend
+    from vla_rft_engine.engine.hf_protocol import hf_frame_by_frame, hf_kv_cached
     from vla_rft_engine.engine.rollout import rollout as engine_rollout
     from vla_rft_engine.models.world_model import WorldModel, WorldModelConfig, init_weights
     from vla_rft_engine.utils import nvtx_range
@@ -78,7 +117,6 @@ def main(argv=None) -> int:
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
     cuda = dev.type == "cuda"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype or ("bf16" if cuda else "fp32")]
-    backend = a.backend or ("triton" if cuda else "eager")
     if a.prompt_len:
         P = a.prompt_len
     elif cuda:
@@ -88,95 +126,89 @@ def main(argv=None) -> int:
         P = TokenizerConfig().layout().prompt_tokens
     preset = a.preset or ("paper" if cuda else "small")
     G, N, T, Fr = a.groups or (16 if cuda else 2), a.samples, a.frames, a.tokens_per_frame
-    cfg = WorldModelConfig.preset(preset, attn_backend=backend, max_position=max(8192, P + T * 71 + 64))
+    over = {"attn_backend": a.backend} if a.backend else {}
+    cfg = WorldModelConfig.preset(preset, max_position=max(8192, P + T * 71 + 64), **over)
+    backend = resolve_backend(cfg.attn_backend, dev)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:  # same weights for both sides, through the HF format
+    with tempfile.TemporaryDirectory() as d:  # same weights for every side, through the HF format
         init_weights(WorldModel(cfg), std=0.02).save_pretrained(d)
-        wm = WorldModel.from_pretrained(d, dtype=dtype, device=dev, attn_backend=backend)
+        wm = WorldModel.from_pretrained(d, dtype=dtype, device=dev, **over)
         hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()
     g = torch.Generator().manual_seed(0)
     # RFT layout (Eq. 10): ctx + dyn0 shared by a group, each rollout's own a_0 ends its prompt
     prompt = torch.randint(4375, 8750, (G, P - 7), generator=g).to(dev)
     own_a0 = torch.randint(8750, 9006, (G * N, 7), generator=g).to(dev)
-    full_prompts = torch.cat([prompt.repeat_interleave(N, 0), own_a0], 1)  # what the per-frame protocol re-sends
+    full_prompts = torch.cat([prompt.repeat_interleave(N, 0), own_a0], 1)  # what every baseline row carries
     acts = torch.randint(8750, 9006, (G * N, T - 1, 7), generator=g).to(dev)
     sampling = dict(temperature=1.0, top_p=0.8)  # the release's serving settings
+    step_fn = None
+    sides = ["ours", "hf_kv_cached"]
+    if cuda and not a.no_compile:
+        step_fn = torch.compile(hf, mode="reduce-overhead", fullgraph=False)
+        sides.append("hf_static_compiled")
+    sides.append("hf_generate_per_frame")
+    phases = {s: [] for s in sides}
 
-    phases_ours, phases_auth = [], []
+    def run(side, frames=T, timed=True):
+        ph = {} if timed and not cuda else None
+        ac = acts[:, :frames - 1]
+        gen = torch.Generator(device=dev).manual_seed(1)
+        with nvtx_range(f"bench.{side}"), torch.no_grad():
+            if side == "ours":
+                engine_rollout(wm, prompt, ac, tokens_per_frame=Fr, num_samples=N, timings=ph, generator=gen,
+                               row_prompt_ids=own_a0, **sampling)
+            elif side == "hf_generate_per_frame":
+                hf_frame_by_frame(hf, full_prompts, ac, Fr, cfg.num_codes, do_sample=True, timings=ph, **sampling)
+            else:
+                hf_kv_cached(hf, full_prompts, ac, Fr, cfg.num_codes, do_sample=True, generator=gen, timings=ph,
+                             static=side == "hf_static_compiled", step_fn=step_fn, **sampling)
+        if ph is not None:
+            phases[side].append(ph)
 
-    def ours():
-        phases_ours.append({})
-        with nvtx_range("bench.ours"):
-            engine_rollout(wm, prompt, acts, tokens_per_frame=Fr, num_samples=N, timings=None if cuda else phases_ours[-1],
-                           generator=torch.Generator(device=dev).manual_seed(1), row_prompt_ids=own_a0, **sampling)
-
-    def authors():
-        phases_auth.append({})
-        with nvtx_range("bench.authors"):
-            with torch.no_grad():
-                hf_frame_by_frame(hf, full_prompts, acts, Fr, cfg.num_codes, num_samples=1, do_sample=True,
-                                  timings=phases_auth[-1], **sampling)
-
-    def timed(fn):
+    def timed(side):
         t0 = time.perf_counter()
-        fn()
+        run(side)
         if cuda:
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
-    # warm-up: ours on one frame (weights packing, first-call costs); the baseline only on CUDA, on the CPU it
-    # is too slow to run for nothing. Then the sides alternate, so a load change on a shared machine hits both.
-    engine_rollout(wm, prompt, acts[:, :0], tokens_per_frame=Fr, num_samples=N, row_prompt_ids=own_a0, **sampling)
-    if cuda:
-        timed(authors)
-        phases_auth.clear()
+    for s in sides:  # warm-up: first-call costs (weight packing, Triton/compile, CUDA graph capture)
+        run(s, frames=2 if s == "hf_static_compiled" else 1, timed=False)
+    times = {s: [] for s in sides}
     t_start = time.perf_counter()
-    mine, theirs = [], []
-    for i in range(max(a.repeats, 1)):
-        mine.append(timed(ours))
-        left = a.budget_s - (time.perf_counter() - t_start) - (a.repeats - 1 - i) * max(mine)
-        if len(theirs) < max(1, a.baseline_repeats) and (not theirs or left > max(theirs)):
-            theirs.append(timed(authors))  # the first always runs; later ones only within --budget-s
-    t_ours = {"median_s": statistics.median(mine), "min_s": min(mine), "times_s": mine}
-    t_auth = {"median_s": statistics.median(theirs), "min_s": min(theirs), "times_s": theirs}
-
-    def phase_medians(runs):
-        runs = [r for r in runs if r]
-        return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in sorted({k for r in runs for k in r})}
+    with profiled(a.profile, dev):
+        for i in range(max(a.repeats, 1)):
+            for s in sides:
+                if s == "hf_generate_per_frame" and times[s]:  # the slow one: within --budget-s after its first
+                    left = a.budget_s - (time.perf_counter() - t_start) - (a.repeats - 1 - i) * sum(
+                        max(times[o]) for o in sides if o != s)
+                    if len(times[s]) >= a.baseline_repeats or left < max(times[s]):
+                        continue
+                times[s].append(timed(s))
     rollouts, frames = G * N, G * N * T
-    tokens = frames * Fr
 
-    def rates(t):
-        return {"rollouts_per_s": rollouts / t, "frames_per_s": frames / t, "tokens_per_s": tokens / t}
+    def side_record(s):
+        ts = times[s]
+        med = statistics.median(ts)
+        runs = [r for r in phases[s] if r]
+        ph = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in sorted({k for r in runs for k in r})}
+        return {"what": LABELS[s], "median_s": med, "min_s": min(ts), "times_s": ts, "repeats": len(ts),
+                "rollouts_per_s": rollouts / med, "frames_per_s": frames / med, "tokens_per_s": frames * Fr / med,
+                "phases_s": ph}
 
+    res = {s: side_record(s) for s in sides}
     rec = {"bench": "wm_rollout", "device": device_name(dev), "preset": preset, "params": wm.num_params(),
-           "dtype": str(dtype).split(".")[-1], "backend": backend, "groups": G, "samples": N, "frames": T,
-           "tokens_per_frame": Fr, "prompt_len": P, "sampling": sampling, "cuda_graph": cuda,
-           "cpu_decode_path": not cuda and backend in ("eager", "sdpa"),
-           "ours": {**t_ours, **rates(t_ours["median_s"])}, "authors_protocol": {**t_auth, **rates(t_auth["median_s"])},
-           "speedup": t_auth["median_s"] / t_ours["median_s"], "torch_threads": torch.get_num_threads(),
-           "phases_s": {"ours": phase_medians(phases_ours), "authors_protocol": phase_medians(phases_auth)},
-           "bench_wall_s": time.perf_counter() - t_start,
+           "dtype": str(dtype).split(".")[-1], "attn_backend": f"{cfg.attn_backend} -> {backend}", "groups": G,
+           "samples": N, "frames": T, "tokens_per_frame": Fr, "prompt_len": P, "shared_prompt_len": P - 7,
+           "sampling": sampling, "cuda_graph": cuda, "torch_threads": torch.get_num_threads(),
+           "sides": res, "speedup_vs": {s: res[s]["median_s"] / res["ours"]["median_s"] for s in sides if s != "ours"},
+           "bench_wall_s": time.perf_counter() - t_start, "profiled": bool(a.profile and cuda),
            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if cuda:  # decode-step roofline: time of the decode phase / number of decode steps
-        from vla_rft_engine.engine.kv_cache import RolloutCache
-
-        def prefill():
-            c = RolloutCache(cfg, G, N, P, T * Fr + (T - 1) * 7, dtype, dev, backend)
-            with torch.no_grad():
-                wm.hidden(prompt, torch.arange(P, device=dev).expand(G, P), c)
-        t_pre = time_fn(prefill, repeats=a.repeats, warmup=1, device=dev)["median_s"]
-        steps = T * Fr - 1
-        step_s = max(t_ours["median_s"] - t_pre, 1e-9) / steps
-        el = torch.finfo(dtype).bits // 8
-        w_bytes = (wm.num_params() - wm.tok_embeddings.weight.numel()) * el
-        kv_prefix = cfg.n_layer * G * cfg.n_kv_head * P * cfg.head_dim * 2 * el
-        kv_suffix_avg = cfg.n_layer * G * N * cfg.n_kv_head * (T * (Fr + 7) / 2) * cfg.head_dim * 2 * el
-        bytes_step = w_bytes + kv_prefix + kv_suffix_avg
-        peak = peak_gbps(rec["device"], a.peak_gbps)
-        rec["decode"] = {"prefill_s": t_pre, "step_s": step_s, "bytes_per_step": bytes_step, "peak_gbps": peak,
-                         "achieved_gbps": bytes_step / step_s / 1e9,
-                         "roofline_fraction": (bytes_step / step_s / 1e9 / peak) if peak else None}
+    if a.repeats < 3 or len(times["hf_generate_per_frame"]) < 3:
+        rec["repeats_note"] = "fewer than 3 repeats where --repeats/--budget-s capped them (each run is minutes on a CPU)"
+    if cuda:
+        rec["decode"] = roofline(wm, cfg, G, N, P, T, Fr, dtype, dev, res["ours"]["median_s"], a.repeats,
+                                 peak_gbps(rec["device"], a.peak_gbps))
     emit(rec, a.out)
     return 0
 

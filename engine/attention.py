@@ -10,12 +10,31 @@ and returns (B, L, H, D):
             partial attentions cannot be merged; this path copies the prefix per sample per step
             (compute is still shared: the prompt was prefilled once). Fine for CPU; prefer triton/flash.
   flash  -- flash_attn_with_kvcache on prefix (grouped queries) and suffix, merged by log-sum-exp.
+  auto   -- the default: triton on CUDA (sdpa where Triton is not installed), sdpa on the CPU (whose decode
+            steps run through engine/cpu_decode.py, which reads the prefix once per group). See resolve_backend.
 `kv_hint` (host int or None) bounds the suffix length for slicing on eager paths; None under CUDA graphs.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("auto", "triton", "sdpa", "flash", "eager")
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The attention backend a rollout runs: `auto` becomes the fastest correct one for the device."""
+    if name not in BACKENDS:
+        raise ValueError(f"attn_backend '{name}' unknown; choose one of {BACKENDS}")
+    if name != "auto":
+        return name
+    return ("triton" if has_triton() else "sdpa") if torch.device(device).type == "cuda" else "sdpa"
 
 
 def _masks(prefix_lens, P, s0, L, S_used, device):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import BACKEND_FNS, prefill_attention
+from .attention import BACKEND_FNS, prefill_attention, resolve_backend
 
 
 class RolloutCache:
@@ -25,7 +25,7 @@ class RolloutCache:
         self.suffix_v = torch.zeros(shape_s, dtype=dtype, device=device)
         self.groups, self.samples = groups, samples
         self.prefix_len, self.suffix_len = prefix_len, suffix_len
-        self.backend = backend or cfg.attn_backend
+        self.backend = resolve_backend(backend or cfg.attn_backend, device)
         self.prefix_lens = torch.full((groups,), prefix_len, dtype=torch.int64, device=device)
         self.s0 = torch.zeros((), dtype=torch.int64, device=device)  # suffix slots filled
         self.s0_host: int | None = 0  # host mirror for slicing on eager paths; None under graph capture

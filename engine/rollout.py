@@ -26,6 +26,7 @@ import torch
 
 from .nvtx import nvtx_range
 
+from .attention import resolve_backend
 from .kv_cache import RolloutCache
 
 
@@ -151,7 +152,7 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
                                                prompt_lengths, max_seq_len, row_prompt_ids)
     dev = wm.output.weight.device
     dtype = wm.output.weight.dtype
-    backend = backend or cfg.attn_backend
+    backend = resolve_backend(backend or cfg.attn_backend, dev)
     N, B, F = num_samples, G * num_samples, tokens_per_frame
     clock = _Clock(timings, dev)
     prompt = torch.where(valid, prompt_ids.cpu(), 0).to(dev)

@@ -10,9 +10,9 @@ Only the V columns passed are candidates: the engine passes logits[:, :num_codes
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
-import triton.language as tl
 
 
 def gumbel_noise(shape, generator=None, device=None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,48 +75,56 @@ def sample_cpu(logits, noise, temperature: float, top_k: int = 0, top_p: float =
     return tok, (z.log_softmax(-1).gather(1, tok[:, None])[:, 0] if logprob else None)
 
 
-@triton.jit
-def _sample_kernel(LOGITS, NOISE, TOK, LOGP, V, s_l, s_n, temperature, top_k, top_p,
-                   GREEDY: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    valid = cols < V
-    x = tl.load(LOGITS + row * s_l + cols, mask=valid, other=float("-inf")).to(tl.float32)
-    z = x / temperature
-    zmax = tl.max(z, axis=0)
-    e = tl.where(valid, tl.exp(z - zmax), 0.0)
-    lse = zmax + tl.log(tl.sum(e, axis=0))
-    keep = valid
-    if USE_TOPK:
-        lo = tl.min(tl.where(valid, z, float("inf")), axis=0)  # count(z >= lo) = V >= k
-        hi = zmax + 1.0  # count(z >= hi) = 0 < k
-        for _ in range(64):
-            mid = (lo + hi) * 0.5
-            ge = tl.sum(tl.where(valid & (z >= mid), 1, 0), axis=0) >= top_k
-            lo = tl.where(ge, mid, lo)
-            hi = tl.where(ge, hi, mid)
-        keep = keep & (z >= lo)
-    if USE_TOPP:
-        ek = tl.where(keep, e, 0.0)
-        p = ek / tl.sum(ek, axis=0)
-        plo = 0.0
-        phi = 2.0
-        for _ in range(64):
-            mid = (plo + phi) * 0.5
-            ge = tl.sum(tl.where(p >= mid, p, 0.0), axis=0) >= top_p
-            plo = tl.where(ge, mid, plo)
-            phi = tl.where(ge, phi, mid)
-        keep = keep & (p >= plo)
-    if GREEDY:
-        score = tl.where(valid, x, float("-inf"))
-    else:
-        g = tl.load(NOISE + row * s_n + cols, mask=valid, other=0.0).to(tl.float32)
-        score = tl.where(keep, z + g, float("-inf"))
-    best = tl.max(score, axis=0)
-    tok = tl.min(tl.where(score == best, cols, BLOCK), axis=0)
-    zt = tl.sum(tl.where(cols == tok, z, 0.0), axis=0)
-    tl.store(TOK + row, tok.to(tl.int64))
-    tl.store(LOGP + row, zt - lse)
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """Triton is imported here, on the first GPU sample, so the CPU path runs where Triton is absent."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sample_kernel(LOGITS, NOISE, TOK, LOGP, V, s_l, s_n, temperature, top_k, top_p,
+                       GREEDY: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        valid = cols < V
+        x = tl.load(LOGITS + row * s_l + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        z = x / temperature
+        zmax = tl.max(z, axis=0)
+        e = tl.where(valid, tl.exp(z - zmax), 0.0)
+        lse = zmax + tl.log(tl.sum(e, axis=0))
+        keep = valid
+        if USE_TOPK:
+            lo = tl.min(tl.where(valid, z, float("inf")), axis=0)  # count(z >= lo) = V >= k
+            hi = zmax + 1.0  # count(z >= hi) = 0 < k
+            for _ in range(64):
+                mid = (lo + hi) * 0.5
+                ge = tl.sum(tl.where(valid & (z >= mid), 1, 0), axis=0) >= top_k
+                lo = tl.where(ge, mid, lo)
+                hi = tl.where(ge, hi, mid)
+            keep = keep & (z >= lo)
+        if USE_TOPP:
+            ek = tl.where(keep, e, 0.0)
+            p = ek / tl.sum(ek, axis=0)
+            plo = 0.0
+            phi = 2.0
+            for _ in range(64):
+                mid = (plo + phi) * 0.5
+                ge = tl.sum(tl.where(p >= mid, p, 0.0), axis=0) >= top_p
+                plo = tl.where(ge, mid, plo)
+                phi = tl.where(ge, phi, mid)
+            keep = keep & (p >= plo)
+        if GREEDY:
+            score = tl.where(valid, x, float("-inf"))
+        else:
+            g = tl.load(NOISE + row * s_n + cols, mask=valid, other=0.0).to(tl.float32)
+            score = tl.where(keep, z + g, float("-inf"))
+        best = tl.max(score, axis=0)
+        tok = tl.min(tl.where(score == best, cols, BLOCK), axis=0)
+        zt = tl.sum(tl.where(cols == tok, z, 0.0), axis=0)
+        tl.store(TOK + row, tok.to(tl.int64))
+        tl.store(LOGP + row, zt - lse)
+
+    return _sample_kernel
 
 
 def sample(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0):
@@ -135,7 +143,8 @@ def sample(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0
     logp = torch.empty(B, dtype=torch.float32, device=logits.device)
     use_k = (not greedy) and 0 < top_k < V
     use_p = (not greedy) and top_p < 1.0
-    _sample_kernel[(B,)](logits, noise, tok, logp, V, logits.stride(0), noise.stride(0),
-                         1.0 if greedy else float(temperature), int(top_k), float(top_p),
-                         GREEDY=greedy, USE_TOPK=use_k, USE_TOPP=use_p, BLOCK=triton.next_power_of_2(V))
+    import triton
+    _kernel()[(B,)](logits, noise, tok, logp, V, logits.stride(0), noise.stride(0),
+                    1.0 if greedy else float(temperature), int(top_k), float(top_p),
+                    GREEDY=greedy, USE_TOPK=use_k, USE_TOPP=use_p, BLOCK=triton.next_power_of_2(V))
     return tok, logp

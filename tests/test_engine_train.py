@@ -44,6 +44,38 @@ def test_pretrain_wm_learns_and_resumes(tmp_path):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 40
 
 
+def test_pretrain_wm_two_gloo_ranks_equal_one(tmp_path):
+    """torchrun DDP: each rank trains on its share of one global batch; losses and weights match one process,
+    with change_weight on (the weighted mean's denominator is the global one)."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vla_rft_engine.train.world_model import main
+    from vla_rft_engine.models.world_model import WorldModel
+    ids, mask = _synthetic(tmp_path / "seg0.pt")
+    lay = TokenLayout(context_tokens=8, dynamics_tokens=4)
+    save_segments({"ids": ids, "loss_mask": mask, "layout": dataclasses.asdict(lay)}, tmp_path / "seg.pt")
+    args = [f"segments={tmp_path / 'seg.pt'}", "preset=tiny", "batch_size=8", "lr=3e-3", "log_every=2",
+            "ckpt_every=6", "steps=6", "change_weight=5", "progress=false", "device=cpu"]
+    assert main(args + [f"out_dir={tmp_path / 'one'}"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "python")}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+                        "-m", "vla_rft_engine.cli", "pretrain-wm", *args, f"out_dir={tmp_path / 'two'}"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    assert [r["step"] for r in two] == [2, 4, 6]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa, wb = (WorldModel.from_pretrained(tmp_path / d / "world_model").state_dict() for d in ("one", "two"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5)  # Adam: near-zero grads, summation order
+
+
 def test_bad_segments_file(tmp_path):
     torch.save({"ids": torch.zeros(2, 5, dtype=torch.long)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a segments file"):

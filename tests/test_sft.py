@@ -104,3 +104,27 @@ def test_readout_trains_at_its_own_lr(tmp_path):
     assert len(groups[1]["params"]) == len(pol.encoder.readout_parameters())
     n_trained = len([n for n, _ in pol.named_parameters() if not n.startswith("sigma_net.")])
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_trained
+
+
+def test_two_gloo_ranks_equal_one(tmp_path):
+    """torchrun DDP: each rank trains on half of one global batch; losses and weights match one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    sft.train(cfg(tmp_path / "one", "steps=4", "ckpt_every=100"))
+    args = TINY + [f"out_dir={tmp_path / 'two'}", "steps=4", "ckpt_every=100", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "python")}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29529",
+                        "-m", "vla_rft_engine.cli", "sft", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    assert len(one) == len(two) and [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for k in a:
+            if k.startswith(("train/flow_loss", "val/")):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from vla_rft_engine.cli import main as cli
-from vla_rft_engine.config import ConfigError
 from vla_rft_engine.models.tokenizer import VisualTokenizer
 from vla_rft_engine.utils import read_jsonl
 
@@ -40,13 +39,14 @@ def test_pretrain_tokenizer_from_frames_file(tmp_path):
 def test_pretrain_tokenizer_bad_input(tmp_path, capsys):
     assert cli(["pretrain-tokenizer", "stepz=3"]) == 2
     assert "unknown config key 'stepz'" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        cli(["pretrain-tokenizer", f"out_dir={tmp_path}", f"data={tmp_path / 'none.npz'}", *TINY])
+    assert cli(["pretrain-tokenizer", f"out_dir={tmp_path}", f"data={tmp_path / 'none.npz'}", *TINY]) == 2
+    assert "no such file" in capsys.readouterr().err
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
-    with pytest.raises(ValueError, match="uint8 frames"):
-        cli(["pretrain-tokenizer", f"out_dir={tmp_path}", f"data={tmp_path / 'bad.npy'}", *TINY])
-    with pytest.raises((ConfigError, ValueError)):
-        cli(["pretrain-tokenizer", "model.quantizer=pq"])
+    assert cli(["pretrain-tokenizer", f"out_dir={tmp_path}", f"data={tmp_path / 'bad.npy'}", *TINY]) == 2
+    assert "uint8 frames" in capsys.readouterr().err
+    assert cli(["pretrain-tokenizer", "model.quantizer=pq"]) == 2
+    err = capsys.readouterr().err
+    assert "quantizer" in err and len(err.strip().splitlines()) == 1
 
 
 def test_pretrain_tokenizer_uses_lpips_when_weights_are_on_disk(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from vla_rft_engine.engine.hf_protocol import hf_frame_by_frame
+from vla_rft_engine.engine.attention import has_triton, resolve_backend
+from vla_rft_engine.engine.hf_protocol import hf_frame_by_frame, hf_kv_cached
 from vla_rft_engine.models.world_model import WorldModel, WorldModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -158,7 +159,7 @@ def test_clear_errors(hf_dir, tmp_path):
         WorldModel.from_pretrained(bad)
 
 
-@pytest.mark.parametrize("backend,cpu_fast", [("eager", True), ("sdpa", False), ("triton", False)])
+@pytest.mark.parametrize("backend,cpu_fast", [("auto", None), ("eager", True), ("sdpa", False), ("triton", False)])
 def test_own_first_action_per_row_matches_authors_protocol(hf_dir, backend, cpu_fast):
     """Eq. 10: a group shares ctx + dyn0, each rollout's prompt ends with its OWN a_0 (engine: row_prompt_ids).
     Reference: transformers' per-frame generate with each row's full prompt written out."""
@@ -198,3 +199,26 @@ def test_own_first_action_with_ragged_shared_prefix(hf_dir):
         wm.rollout(padded, acts, tokens_per_frame=F, num_samples=2, prompt_lengths=[13, 6], row_prompt_ids=a0[:3])
     with pytest.raises(ValueError, match="row_prompt_ids"):
         wm.rollout(padded, acts, tokens_per_frame=F, num_samples=2, prompt_lengths=[13, 6], row_prompt_ids=a0 + 100)
+
+
+def test_auto_backend_resolves_to_the_fast_path_per_device():
+    assert WorldModelConfig().attn_backend == "auto" and WorldModelConfig().norm_backend == "auto"
+    assert resolve_backend("auto", "cpu") == "sdpa"  # + engine/cpu_decode.py (prefix read once per group)
+    assert resolve_backend("auto", "cuda") == ("triton" if has_triton() else "sdpa")
+    assert resolve_backend("eager", "cuda") == "eager"
+    with pytest.raises(ValueError, match="attn_backend 'fast' unknown"):
+        resolve_backend("fast", "cpu")
+
+
+def test_kv_cached_baseline_matches_per_frame_protocol(hf_dir):
+    """Baseline 2 of bench/wm_rollout.py (cache kept across frames) gives the per-frame protocol's tokens."""
+    _, hf = hf_dir
+    prompt, acts = _prompt(G=3, P=20, T=3)
+    ref = hf_frame_by_frame(hf, prompt, acts, F, NUM_CODES)
+    assert torch.equal(hf_kv_cached(hf, prompt, acts, F, NUM_CODES), ref)
+    assert torch.equal(hf_kv_cached(hf, prompt, acts, F, NUM_CODES, static=True), ref)  # baseline 3's cache (CUDA)
+    # nucleus sampling with a vanishing top_p keeps only the argmax
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(hf_kv_cached(hf, prompt, acts, F, NUM_CODES, do_sample=True, top_p=1e-6, generator=g), ref)
+    sampled = hf_kv_cached(hf, prompt, acts, F, NUM_CODES, do_sample=True, temperature=5.0, generator=g)
+    assert sampled.shape == ref.shape and int(sampled.max()) < NUM_CODES and not torch.equal(sampled, ref)

@@ -6,6 +6,7 @@ Each command lives in its own module exposing `main(argv) -> int`; they are impo
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,12 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vla-rft: unknown command '{cmd}'.\n\n{usage()}", file=sys.stderr)
         return 2
     mod = importlib.import_module(COMMANDS[cmd][0])
-    from .config import ConfigError
+    from .config import UserError
     try:
         return int(mod.main(rest) or 0)
-    except ConfigError as e:
-        print(f"vla-rft {cmd}: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError, ValueError) as e:  # bad config, files, data: what the user can fix
+        if os.environ.get("VLA_RFT_DEBUG"):
+            raise
+        hint = "" if isinstance(e, UserError) else " (VLA_RFT_DEBUG=1 shows the traceback)"
+        print(f"vla-rft {cmd}: {_one_line(e)}{hint}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
+        msg = f"{msg}: {e.filename}"
+    return " ".join(msg.split())
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:

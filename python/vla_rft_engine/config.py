@@ -15,8 +15,21 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user can fix (config, files, data, settings that diverge): the CLI prints the message as one
+    line and exits 2, no traceback (VLA_RFT_DEBUG=1 shows it)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the key and the fix."""
+
+
+class Diverged(UserError, FloatingPointError):
+    """Training hit a non-finite loss or gradient; nothing from that step on was applied or saved."""
+
+
+class NonFiniteError(ValueError):
+    """A tensor holds NaN/Inf (models.encoders.check_finite): bad input, or inside a training step, divergence."""
 
 
 def _field_types(cls) -> dict[str, Any]:

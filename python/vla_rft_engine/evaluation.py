@@ -134,7 +134,7 @@ def rft_signal(histories: dict) -> dict:
     out = {}
     for s, rows in histories.items():
         def mean(key):
-            v = [r[key] for r in rows if key in r and np.isfinite(r[key])]
+            v = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]  # null: logged NaN
             return float(np.mean(v)) if v else float("nan")
         out[f"seed{s}"] = {"spearman_reward_vs_action": mean("signal/spearman_reward_vs_action"),
                            "reward_group_std": mean("reward/group_std"), "wm_noise_std": mean("signal/wm_noise_std"),

@@ -1,7 +1,9 @@
 """Small shared helpers: atomic checkpoints, run logging (TensorBoard + JSONL), NVTX ranges, seeding."""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -65,6 +67,33 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", map_location="cp
                            "delete it and re-run the stage that writes it") from e
 
 
+def _json_number(v) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None  # NaN/inf are not JSON: written as null
+
+
+def check_finite_step(what: str, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+    """Stop a trainer at its first non-finite loss or gradient norm, before the optimizer applies it (so every
+    saved checkpoint is finite). One host sync per step."""
+    if not bool(torch.isfinite(grad_norm)) or not bool(torch.isfinite(loss)):
+        from .config import Diverged
+        raise Diverged(f"{what} diverged at step {step}: loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}; "
+                       f"this step was not applied and the last checkpoint is finite. Lower lr (now {lr:g}) and "
+                       "resume, or start over in a new out_dir")
+
+
+@contextlib.contextmanager
+def diverged_if_non_finite(what: str, step: int, lr: float):
+    """Around a training step's forward: an internal NaN/Inf (the inputs were checked when loaded) means the
+    run diverged, reported like check_finite_step."""
+    from .config import Diverged, NonFiniteError
+    try:
+        yield
+    except NonFiniteError as e:
+        raise Diverged(f"{what} diverged at step {step}: {e}; the last checkpoint is finite. Lower lr (now {lr:g}) "
+                       "and resume, or start over in a new out_dir") from e
+
+
 class RunLogger:
     """Scalars to TensorBoard (when installed) and to metrics.jsonl, one JSON object per step."""
 
@@ -79,7 +108,7 @@ class RunLogger:
             self.tb = None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        rec = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        rec = {"step": step, "time": time.time(), **{k: _json_number(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
         if self.tb is not None:

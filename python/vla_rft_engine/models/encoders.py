@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
-        raise ValueError(f"{name} holds NaN or Inf values ({int((~torch.isfinite(t)).sum())} of {t.numel()})")
+        from ..config import NonFiniteError
+        raise NonFiniteError(f"{name} holds NaN or Inf values ({int((~torch.isfinite(t)).sum())} of {t.numel()})")
 
 
 def image_to_float(image: torch.Tensor) -> torch.Tensor:

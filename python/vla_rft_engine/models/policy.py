@@ -14,6 +14,8 @@ standardised with buffers proprio_mean/std. `s` passed to the head is the normal
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -201,13 +203,40 @@ class VLAPolicy(nn.Module):
 
 
 def sample_beta(alpha: float, beta: float, n: int, generator=None, device=None) -> torch.Tensor:
-    """tau ~ Beta(alpha, beta) drawn from a torch.Generator (reproducible, resumable). torch's Beta/Gamma
-    samplers take no generator, so this inverts the Beta CDF tabulated on a fine grid. Capped at 0.999
-    (pi0's s = 0.999) so a_tau never equals the clean action exactly."""
+    """tau ~ Beta(alpha, beta) drawn from a torch.Generator (reproducible, resumable; torch's Beta/Gamma
+    samplers take no generator). alpha, beta >= 1 (bounded density, e.g. the paper's Beta(1, 1.5)): the Beta
+    CDF tabulated on a fine grid, inverted. Either below 1 (the density is infinite at an end, where a grid
+    cannot follow it): X / (X + Y) from two Gamma draws. Capped at 0.999 (pi0's s = 0.999) so a_tau never
+    equals the clean action exactly."""
     if alpha <= 0 or beta <= 0:
         raise ValueError(f"Beta(alpha, beta) needs alpha, beta > 0; got {alpha}, {beta}")
+    if alpha < 1 or beta < 1:
+        x, y = _gamma(alpha, n, generator, device), _gamma(beta, n, generator, device)
+        return (x / (x + y)).float().nan_to_num_(0.0).clamp_(0.0, 0.999)
     u = torch.rand(n, generator=generator, device=device)
     return _beta_icdf(u, alpha, beta)
+
+
+def _gamma(a: float, n: int, generator=None, device=None) -> torch.Tensor:
+    """Gamma(a, 1) in float64 by Marsaglia & Tsang's squeeze-free rejection (a >= 1), boosted for a < 1 by
+    Gamma(a) = Gamma(a + 1) * U^(1/a). Every draw from `generator`."""
+    boost = a < 1
+    d = (a + 1 if boost else a) - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(n, dtype=torch.float64, device=device)
+    todo = torch.arange(n, device=device)
+    while todo.numel():
+        m = todo.numel()
+        x = torch.randn(m, generator=generator, device=device, dtype=torch.float64)
+        u = torch.rand(m, generator=generator, device=device, dtype=torch.float64)
+        v = (1 + c * x) ** 3
+        ok = (v > 0) & (u.log() < 0.5 * x * x + d - d * v + d * v.clamp_min(1e-300).log())
+        out[todo[ok]] = (d * v)[ok]
+        todo = todo[~ok]
+    if boost:
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        out = out * u.pow(1.0 / a)
+    return out
 
 
 def _beta_icdf(u: torch.Tensor, alpha: float, beta: float, grid: int = 4097) -> torch.Tensor:

@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vla_rft_engine.engine.attention import BACKENDS, has_triton
 from vla_rft_engine.kernels.rotary_kv import apply_rotary  # noqa: F401  (the reference lives beside its kernel)
-
-BACKENDS = ("triton", "sdpa", "flash", "eager")
 
 
 @dataclass
@@ -32,8 +31,8 @@ class WorldModelConfig:
     rms_eps: float = 1e-6
     rope_theta: float = 10000.0
     num_codes: int = 4375  # generated frame tokens are restricted to dynamics codes [0, num_codes)
-    attn_backend: str = "sdpa"  # decode attention: triton | sdpa | flash | eager
-    norm_backend: str = "torch"  # torch | triton (fused RMSNorm)
+    attn_backend: str = "auto"  # decode attention: auto | triton | sdpa | flash | eager (engine/attention.py)
+    norm_backend: str = "auto"  # auto (triton on CUDA without grad) | torch | triton (fused RMSNorm)
 
     @property
     def head_dim(self) -> int:
@@ -44,8 +43,8 @@ class WorldModelConfig:
             raise ValueError(f"dim {self.dim} / n_head {self.n_head} / n_kv_head {self.n_kv_head} must divide evenly")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend '{self.attn_backend}' unknown; choose one of {BACKENDS}")
-        if self.norm_backend not in ("torch", "triton"):
-            raise ValueError(f"norm_backend '{self.norm_backend}' unknown; choose torch or triton")
+        if self.norm_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"norm_backend '{self.norm_backend}' unknown; choose auto, torch or triton")
         if not 0 < self.num_codes <= self.vocab_size:
             raise ValueError(f"num_codes {self.num_codes} must lie in (0, vocab_size={self.vocab_size}]")
         return self
@@ -93,14 +92,18 @@ class WorldModelConfig:
         return cls(**kw).validate()
 
 
+_TRITON = has_triton()
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, backend: str = "torch"):
+    def __init__(self, dim: int, eps: float, backend: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.backend = eps, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton" and not torch.is_grad_enabled():
+        fused = self.backend == "triton" or (self.backend == "auto" and x.is_cuda and _TRITON)
+        if fused and not torch.is_grad_enabled():
             from vla_rft_engine.kernels.rmsnorm import rmsnorm
             return rmsnorm(x, self.weight, self.eps)
         xf = x.float()  # HF order: normalise in fp32, cast, then scale

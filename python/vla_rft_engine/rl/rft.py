@@ -36,10 +36,10 @@ import torch
 import torch.nn as nn
 
 from ..cli import parse_command
-from ..config import ConfigError, save_config, to_dict
+from ..config import ConfigError, Diverged, save_config, to_dict
 from ..metrics import spearman
 from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, read_jsonl
-from . import distributed as du
+from .. import distributed as du
 from .grpo import approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
 from .rewards import verified_reward
 from .rft_config import CKPT_FORMAT, RFTConfig, config_hash, hashed_fields
@@ -92,7 +92,13 @@ class RFTRun:
 
     @contextmanager
     def phase(self, name: str, timings: dict):
+        """NVTX range per phase; wall time per phase where it is cheap to measure: on the CPU, or on CUDA only
+        with profile=true (it synchronises the device around each phase, which production runs must not)."""
         cuda = self.d.device.type == "cuda"
+        if cuda and not self.cfg.profile:
+            with nvtx_range(f"rft.{name}"):
+                yield
+            return
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
         if cuda and self.phase_mem is not None:
@@ -164,8 +170,8 @@ class RFTRun:
         except ValueError as e:
             raise ValueError(f"step {step}, start states {pool_idx.tolist()}: {e}") from e
         if not torch.isfinite(R).all():
-            raise FloatingPointError(f"step {step}: NaN/inf verified reward for start states {pool_idx.tolist()} "
-                                     f"(rewards {R.tolist()}); check the world model and tokenizer outputs")
+            raise Diverged(f"step {step}: NaN/inf verified reward for start states {pool_idx.tolist()} "
+                           f"(rewards {R.tolist()}); check the world model and tokenizer outputs")
         return R, R_noise
 
     def update(self, roll: dict, adv: torch.Tensor, first: int) -> dict:
@@ -187,7 +193,8 @@ class RFTRun:
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(self.params, g.grad_clip)
                 if not torch.isfinite(torch.as_tensor(gn)):
-                    raise FloatingPointError(f"non-finite gradient norm {float(gn)} in the GRPO update")
+                    raise Diverged(f"non-finite gradient norm {float(gn)} in the GRPO update; nothing from this step "
+                                   "was applied or saved: lower grpo.lr / grpo.sigma_lr and resume")
                 self.opt.step()
                 for key in ("loss", "pg_loss", "ratio_mean", "clip_frac", "approx_kl_k3", "entropy", "mse",
                             "mse_weight"):
@@ -223,7 +230,8 @@ class RFTRun:
         extra = {"signal/wm_noise_std": roll["noise_std"].mean().item()} if roll["noise_std"] is not None else {}
         metrics.update(du.all_mean(d, {**up, "sigma/mean": roll["sigma"].mean().item(), **extra}))
         timings["step"] = time.perf_counter() - t0
-        metrics.update(du.all_max(d, {f"time/{p}": timings[p] for p in (*PHASES, "step")}))
+        timed = (*PHASES, "step") if d.device.type != "cuda" or cfg.profile else ("step",)  # see phase()
+        metrics.update(du.all_max(d, {f"time/{p}": timings[p] for p in timed}))
         viz = None
         if d.is_main and roll["frames"] is not None:
             viz = {"frames": roll["frames"][0].cpu(), "R": roll["R"][0].cpu(), "start": roll["start"][0].cpu()}

@@ -6,12 +6,12 @@ import json
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, flat_dict, to_dict
-from . import distributed as du
+from .. import distributed as du
 from .grpo import GRPOConfig
 from .rewards import RewardConfig
 
 RUNTIME_KEYS = {"out_dir", "stop_at", "log_every", "ckpt_every", "image_every", "resume", "progress", "device",
-                "grpo.steps"}  # may change between a run and its resume
+                "grpo.steps", "profile"}  # may change between a run and its resume
 CKPT_FORMAT = "vla-rft-rft/1"
 
 
@@ -31,7 +31,7 @@ class RFTConfig:
     wm_top_p: float = 0.8          # release
     wm_top_k: int = 0              # release: off
     wm_dtype: str = "auto"         # auto: bf16 on CUDA, fp32 on the CPU
-    wm_attn_backend: str = ""      # "" = the model's default
+    wm_attn_backend: str = ""      # "" = the model's default (auto: triton on CUDA, the CPU decode path on CPU)
     noise_rows: int = 2            # extra rollouts re-sampling chunk 0: the reward std they show is world-model
                                    # noise, logged beside the in-group std (signal/*); 0 = off
     weight_decay: float = 0.0
@@ -41,6 +41,7 @@ class RFTConfig:
     image_every: int = 25          # PNG: reference rollout beside the best and worst sampled rollouts
     resume: bool = True
     progress: bool = True
+    profile: bool = False          # time each phase (syncs CUDA around it: for Nsight / benches, not production)
     device: str = "auto"
     distributed: str = "ddp"       # ddp | fsdp2 (multi-process only)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)

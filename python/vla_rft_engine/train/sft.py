@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed as du
 from ..cli import parse_command
 from ..config import ConfigError, from_dict, save_config, to_dict
 from ..models.policy import PolicyConfig, VLAPolicy
-from ..utils import RunLogger, atomic_save, load_checkpoint, resolve_device, seed_everything
+from ..utils import (RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint, resolve_device,
+                     seed_everything)
 
 
 @dataclass
@@ -183,10 +185,35 @@ def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
     return policy.to(device).eval()
 
 
+class _FlowLoss(torch.nn.Module):
+    """One step's flow-matching loss as a module's forward, so DDP (multi-process) can wrap it."""
+
+    def __init__(self, policy: VLAPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, img, instr, prop, act, tau, noise):
+        p = self.policy
+        z = p.encode(img, instr, prop)
+        return p.flow_loss(z, p.normalize_proprio(prop), p.normalize_actions(act), tau=tau, noise=noise)
+
+
 def train(cfg: SFTConfig) -> dict:
+    """Train (or resume). Under `torchrun --nproc_per_node=K` (DDP, gloo on CPUs): every rank draws the same
+    global batch and trains on its 1/K share, so K ranks take the same steps as one process."""
+    d = du.init(resolve_device(cfg.device).type)
+    try:
+        return _train(cfg, d)
+    finally:
+        du.shutdown(d)
+
+
+def _train(cfg: SFTConfig, d: du.Dist) -> dict:
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {d.world} ranks")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = d.device
     seed_everything(cfg.seed)
     demos = get_demos(cfg)
     n_ep = len(demos["actions"])
@@ -199,6 +226,9 @@ def train(cfg: SFTConfig) -> dict:
 
     policy = VLAPolicy(cfg.policy).to(device)
     policy.set_norm_stats(train_data.raw_actions, train_data.proprio)
+    policy.sigma_net.requires_grad_(False)  # Stage II's; SFT trains the flow head (and encoder readout) only
+    loss_fn = du.wrap(_FlowLoss(policy), d, "ddp")
+    share = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
     params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("sigma_net.")]
     readout = getattr(policy.encoder, "readout_parameters", list)()
     fast = {id(p) for p in readout}
@@ -221,8 +251,9 @@ def train(cfg: SFTConfig) -> dict:
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
-    save_config(cfg, out / "config.yaml")
-    logger = RunLogger(out, resume=start > 0)
+    if d.is_main:
+        save_config(cfg, out / "config.yaml")
+    logger = RunLogger(out, resume=start > 0) if d.is_main else None
 
     def save(step, metrics):
         atomic_save({"model": policy.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -233,39 +264,43 @@ def train(cfg: SFTConfig) -> dict:
     metrics: dict = {}
     t0 = time.time()
     bar = None
-    if cfg.progress:
+    if cfg.progress and d.is_main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="sft", dynamic_ncols=True)
     policy.train()
     for step in range(start, end):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         img, instr, prop, act = train_data.batch(torch.randint(len(train_data), (cfg.batch_size,), generator=g))
-        prop, act = prop.to(device), act.to(device)
-        z = policy.encode(img.to(device), instr, prop)
-        s = policy.normalize_proprio(prop)
-        tau = _beta(cfg, cfg.batch_size, g).to(device)
-        noise = torch.randn(act.shape, generator=g).to(device)
-        loss = policy.flow_loss(z, s, policy.normalize_actions(act), tau=tau, noise=noise)
+        tau = _beta(cfg, cfg.batch_size, g)
+        noise = torch.randn(act.shape, generator=g)  # the whole batch's draws, then this rank's share
+        with diverged_if_non_finite("sft", step + 1, cfg.lr):
+            loss = loss_fn(img[share].to(device), instr[share], prop[share].to(device), act[share].to(device),
+                           tau[share].to(device), noise[share].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        check_finite_step("sft", step + 1, loss.detach(), gnorm, cfg.lr)
         opt.step()
         sched.step()
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
-            logger.log(done, {"train/flow_loss": loss.item(), "train/grad_norm": gnorm.item(),
-                              "train/lr": sched.get_last_lr()[0]})
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+            full = float(du.scalar_mean(d, loss.detach()))  # the whole batch's loss (equal shares)
+            if d.is_main:
+                logger.log(done, {"train/flow_loss": full, "train/grad_norm": gnorm.item(),
+                                  "train/lr": sched.get_last_lr()[0]})
+        if d.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
             metrics = evaluate(policy, val_data, cfg, device)
             logger.log(done, metrics)
-        if done % cfg.ckpt_every == 0 or done == end:
+        if d.is_main and (done % cfg.ckpt_every == 0 or done == end):
             save(done, metrics)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", **({"val": f"{metrics['val/flow_loss']:.4f}"} if metrics else {}))
     if bar is not None:
         bar.close()
-    logger.close()
+    if d.is_main:
+        logger.close()
+    du.barrier(d)
     return {"step": end, "wall_s": time.time() - t0, "train_samples": len(train_data), "val_samples": len(val_data),
             "episodes": n_ep, **metrics}
 

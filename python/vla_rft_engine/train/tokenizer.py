@@ -22,7 +22,8 @@ from tqdm import tqdm
 from .. import metrics
 from ..config import save_config
 from ..models.tokenizer import TokenizerConfig, VisualTokenizer
-from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, resolve_device, seed_everything
+from ..utils import (RunLogger, atomic_save, check_finite_step, load_checkpoint, nvtx_range, resolve_device,
+                     seed_everything)
 from ..viz import save_frame_grid
 
 
@@ -236,6 +237,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)
+            check_finite_step("pretrain-tokenizer", step + 1, loss.detach(), gn, opt.param_groups[0]["lr"])
             opt.step()
         step += 1
         bar.update(1)

@@ -8,6 +8,10 @@ tokenized with beside it (world_model/action_ranges.json), so rollouts discretiz
 
 Data: `segments=FILE` (from data.segments.build_segments), or `demos=FILE tokenizer=DIR` to tokenize
 demos here (written to out_dir/segments.pt and reused on resume).
+
+Multi-process: `torchrun --nproc_per_node=K -m vla_rft_engine.cli pretrain-wm ...` (DDP; NCCL on GPUs, gloo
+on CPUs). Every rank draws the same global batch and trains on its share; the loss is normalised by the
+global target weight, so K ranks take the same steps as one process with the same batch_size.
 """
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as du
 from ..cli import parse_command
 from ..config import ConfigError, save_config, to_dict
 from ..data.segments import load_segments
 from ..layout import ActionDiscretizer, TokenLayout
 from ..models.world_model import WorldModel, WorldModelConfig, init_weights
-from ..utils import RunLogger, atomic_save, load_checkpoint, resolve_device, seed_everything
+from ..utils import RunLogger, atomic_save, check_finite_step, load_checkpoint, resolve_device, seed_everything
 
 
 @dataclass
@@ -61,13 +66,14 @@ class WMTrainConfig:
 
 
 def masked_nll(wm: WorldModel, ids: torch.Tensor, mask: torch.Tensor, change_weight: float = 0.0,
-               frame_step: int = 0) -> torch.Tensor:
+               frame_step: int = 0, total_weight=None) -> torch.Tensor:
     """Mean next-token NLL over the masked targets. The vocabulary projection runs only at those positions
     (the generated frames' tokens, ~60% of a segment): the same loss, and the (B, L, V) logits never exist.
 
     change_weight > 0: a weighted mean where a target whose id differs from the token at the same place one
     frame earlier (`frame_step` = dynamics + action tokens back) weighs 1 + change_weight. change_weight=0 is
-    Eq. 3's plain MLE."""
+    Eq. 3's plain MLE. total_weight (a callable: local weight sum -> the mean over ranks of their sums)
+    replaces the local denominator, so a data-parallel step equals the one-process step."""
     x = ids[:, :-1]
     wm.check_ids(x)
     B, L = x.shape
@@ -76,11 +82,24 @@ def masked_nll(wm: WorldModel, ids: torch.Tensor, mask: torch.Tensor, change_wei
     tgt = ids[:, 1:]
     nll = F.cross_entropy(wm.output(h[m]).float(), tgt[m], reduction="none")
     if change_weight <= 0:
-        return nll.sum() / m.sum().clamp_min(1)  # no masked target: 0, not NaN
-    prev = torch.full_like(tgt, -1)
-    prev[:, frame_step:] = tgt[:, :-frame_step]  # masked targets are frames >= 1: their previous frame exists
-    w = 1.0 + change_weight * (tgt != prev)[m].float()
-    return (nll * w).sum() / w.sum().clamp_min(1)
+        w = torch.ones_like(nll)
+    else:
+        prev = torch.full_like(tgt, -1)
+        prev[:, frame_step:] = tgt[:, :-frame_step]  # masked targets are frames >= 1: their previous frame exists
+        w = 1.0 + change_weight * (tgt != prev)[m].float()
+    denom = w.sum() if total_weight is None else total_weight(w.sum().detach())
+    return (nll * w).sum() / denom.clamp_min(1)  # no masked target: 0, not NaN
+
+
+class _Loss(torch.nn.Module):
+    """masked_nll as a module's forward, so DDP (which syncs gradients of what its forward ran) can wrap it."""
+
+    def __init__(self, wm: WorldModel):
+        super().__init__()
+        self.wm = wm
+
+    def forward(self, ids, mask, change_weight, frame_step, total_weight=None):
+        return masked_nll(self.wm, ids, mask, change_weight, frame_step, total_weight)
 
 
 def _segments_from_demos(cfg: WMTrainConfig, out: Path, dev) -> dict:
@@ -155,13 +174,27 @@ def main(argv: list[str]) -> int:
 def train(cfg: WMTrainConfig) -> dict:
     """Train (or resume) and write out_dir/world_model. -> {"step", "loss", "world_model"}."""
     cfg.validate()
+    d = du.init(resolve_device(cfg.device).type)
+    try:
+        return _train(cfg, d)
+    finally:
+        du.shutdown(d)
+
+
+def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
     from tqdm import tqdm
     seed_everything(cfg.seed)
-    dev = resolve_device(cfg.device)
+    dev = d.device
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {d.world} ranks")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    seg = load_segments(cfg.segments) if cfg.segments else _segments_from_demos(cfg, out, dev)
+    if d.is_main:
+        save_config(cfg, out / "config.yaml")
+        seg = load_segments(cfg.segments) if cfg.segments else _segments_from_demos(cfg, out, dev)
+    du.barrier(d)  # rank 0 tokenized the demos (once); the others read its segments file
+    if not d.is_main:
+        seg = load_segments(cfg.segments or out / "segments.pt")
     ids, mask = seg["ids"], seg["loss_mask"]
     if cfg.init:
         wm = WorldModel.from_pretrained(cfg.init)
@@ -179,9 +212,13 @@ def train(cfg: WMTrainConfig) -> dict:
     if ids.shape[1] > wm.config.max_position:
         raise ValueError(f"segments have {ids.shape[1]} tokens, the model {wm.config.max_position} positions")
     wm.to(dev).train()
+    loss_fn = du.wrap(_Loss(wm), d, "ddp")  # DDP averages gradients over ranks
     lay = TokenLayout(**seg["layout"]) if seg.get("layout") else TokenLayout()
     frame_step = lay.dynamics_tokens + lay.action_dim
     opt = torch.optim.AdamW(wm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def total_weight(local):  # mean over ranks of the share's weight sums: with DDP's gradient mean, the step
+        return du.scalar_mean(d, local)  # equals one process's weighted mean over the whole batch
     ckpt_path, step = out / "ckpt.pt", 0
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, "world-model checkpoint", map_location=dev)
@@ -189,30 +226,38 @@ def train(cfg: WMTrainConfig) -> dict:
         opt.load_state_dict(ck["optimizer"])
         step = ck["step"]
         torch.set_rng_state(ck["rng"])
-    log = RunLogger(out, resume=step > 0)
+    log = RunLogger(out, resume=step > 0) if d.is_main else None
     gen = torch.Generator().manual_seed(cfg.seed + step)
+    share = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and dev.type == "cuda")
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-wm", dynamic_ncols=True, disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-wm", dynamic_ncols=True,
+               disable=not cfg.progress or not d.is_main)
     loss = torch.tensor(float("nan"))
     while step < cfg.steps:
-        idx = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)[share]  # this rank's share
         with autocast:
-            loss = masked_nll(wm, ids[idx].to(dev), mask[idx].to(dev), cfg.change_weight, frame_step)
+            loss = loss_fn(ids[idx].to(dev), mask[idx].to(dev), cfg.change_weight, frame_step,
+                           total_weight if d.enabled else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
+        check_finite_step("pretrain-wm", step + 1, loss.detach(), gnorm, cfg.lr)
         opt.step()
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.log(step, {"loss": loss.item(), "grad_norm": float(gnorm), "lr": cfg.lr})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            full = float(du.scalar_mean(d, loss.detach()))  # = the whole batch's weighted mean
+            if d.is_main:
+                log.log(step, {"loss": full, "grad_norm": float(gnorm), "lr": cfg.lr})
+            bar.set_postfix(loss=f"{full:.4f}")
+        if d.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             atomic_save({"model": wm.state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "rng": torch.get_rng_state(), "config": to_dict(cfg)}, ckpt_path)
     bar.close()
-    log.close()
-    wm.eval().save_pretrained(out / "world_model")
-    _finish_world_dir(cfg, seg, out / "world_model")
-    print(f"pretrain-wm: {step} steps, world model written to {out / 'world_model'}")
+    if d.is_main:
+        log.close()
+        wm.eval().save_pretrained(out / "world_model")
+        _finish_world_dir(cfg, seg, out / "world_model")
+        print(f"pretrain-wm: {step} steps, world model written to {out / 'world_model'}")
+    du.barrier(d)
     return {"step": step, "loss": float(loss.detach()), "world_model": str(out / "world_model")}

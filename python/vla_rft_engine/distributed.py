@@ -1,4 +1,4 @@
-"""Process-group plumbing for `torchrun --nproc_per_node=K -m vla_rft_engine.cli rft ...`.
+"""Process-group plumbing for `torchrun --nproc_per_node=K -m vla_rft_engine.cli {rft,pretrain-wm} ...`.
 
 NCCL on GPUs (one GPU per rank, LOCAL_RANK), gloo on CPU processes. Without torchrun (no WORLD_SIZE in
 the environment) everything here degrades to a single process: no process group, identity reductions.

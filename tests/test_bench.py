@@ -1,0 +1,45 @@
+"""The benches run and report what they claim: tiny shapes on the CPU (speed claims live in bench/results)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _record(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_wm_rollout_bench_times_the_default_path_against_three_labelled_baselines(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    from bench import wm_rollout
+    assert wm_rollout.main(["--preset", "tiny", "--groups", "1", "--samples", "2", "--frames", "2", "--prompt-len",
+                            "30", "--tokens-per-frame", "4", "--repeats", "2", "--out", str(tmp_path / "r.json")]) == 0
+    rec = _record(capsys)
+    assert rec == json.loads((tmp_path / "r.json").read_text())
+    assert rec["attn_backend"] == "auto -> sdpa" and not rec["profiled"]
+    assert set(rec["sides"]) == {"ours", "hf_kv_cached", "hf_generate_per_frame"}  # static+compile: CUDA only
+    for side in rec["sides"].values():
+        assert side["repeats"] == 2 and side["median_s"] > 0 and side["what"]
+    for s, r in rec["speedup_vs"].items():
+        assert r == pytest.approx(rec["sides"][s]["median_s"] / rec["sides"]["ours"]["median_s"])
+    assert "release" in rec["sides"]["hf_generate_per_frame"]["what"]
+
+
+def test_grpo_step_bench_reports_phases(capsys):
+    from bench import grpo_step
+    assert grpo_step.main(["--repeats", "1", "--warmup", "0", "--no-lpips"]) == 0
+    rec = _record(capsys)
+    assert {"encode", "sde", "wm_rollout", "reward", "update", "step"} <= set(rec["median_s"])
+    assert rec["wm_attn_backend"] == "auto -> sdpa"
+
+
+def test_suite_table_picks_ratios():
+    from bench.suite import headline
+    rec = {"speedup_vs": {"hf_kv_cached": 3.2}, "sides": {"ours": {"rollouts_per_s": 10.0, "median_s": 1.0}},
+           "decode": {"roofline_fraction": 0.61}, "device": "x"}
+    txt = headline(rec)
+    assert "speedup_vs.hf_kv_cached=3.2" in txt and "roofline_fraction=0.61" in txt and "median_s" not in txt

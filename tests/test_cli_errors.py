@@ -1,0 +1,91 @@
+"""The CLI on bad input and diverging settings: exit 2, one line saying what is wrong and what to do, no
+traceback, and nothing non-finite written (logs stay valid JSON)."""
+import json
+import math
+
+import pytest
+import torch
+
+from vla_rft_engine.cli import main as cli
+
+TOK = ["model.image_size=32", "model.channels=[8,16,16]", "model.latent_channels=16", "batch_size=2",
+       "frames_per_context=1", "eval_pairs=4", "builtin_episodes=6", "builtin_steps=4", "heldout_fraction=0.2",
+       "eval_every=50", "ckpt_every=1"]
+SFT = ["data=synthetic", "num_episodes=6", "image_size=16", "batch_size=8", "progress=false", "eval_every=50",
+       "eval_max=16", "log_every=1", "ckpt_every=1", "warmup_steps=1", "policy.d_model=16", "policy.depth=1",
+       "policy.heads=2", "policy.z_dim=16", "policy.enc_channels=8", "policy.sigma_d_model=16",
+       "policy.sigma_depth=1", "policy.chunk_len=4"]
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def _jsonl_valid(path):
+    for line in path.read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {path}"))
+
+
+def _all_finite(state):
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def _segments(path):
+    from vla_rft_engine.data.segments import save_segments, segment_loss_mask
+    from vla_rft_engine.layout import TokenLayout
+    lay = TokenLayout(context_tokens=8, dynamics_tokens=4)
+    g = torch.Generator().manual_seed(0)
+    ids = lay.build_segment(torch.randint(0, 4375, (16, 8), generator=g), torch.randint(0, 4375, (16, 3, 4), generator=g),
+                            torch.randint(0, 256, (16, 2, 7), generator=g))
+    save_segments({"ids": ids, "loss_mask": segment_loss_mask(lay, 3).expand_as(ids).clone()}, path)
+
+
+def test_pretrain_wm_stops_at_the_first_non_finite_step(tmp_path, capsys):
+    _segments(tmp_path / "seg.pt")
+    out = tmp_path / "run"
+    assert cli(["pretrain-wm", f"segments={tmp_path / 'seg.pt'}", f"out_dir={out}", "preset=tiny", "batch_size=4",
+                "lr=1e30", "steps=20", "log_every=1", "ckpt_every=1", "progress=false", "device=cpu"]) == 2
+    _one_line_error(capsys, "pretrain-wm diverged at step", "Lower lr (now 1e+30)")
+    assert not (out / "world_model").exists()
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["step"] >= 1 and _all_finite(ck["model"])  # the last checkpoint is from before the bad step
+    _jsonl_valid(out / "metrics.jsonl")
+
+
+def test_sft_stops_at_the_first_non_finite_step(tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert cli(["sft", f"out_dir={out}", "lr=1e30", "steps=20", *SFT]) == 2
+    _one_line_error(capsys, "sft diverged at step")
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert _all_finite(ck["model"]) and ck["step"] < 20
+    _jsonl_valid(out / "metrics.jsonl")
+
+
+def test_tokenizer_stops_at_the_first_non_finite_step(tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert cli(["pretrain-tokenizer", f"out_dir={out}", "lr=1e30", "steps=20", *TOK]) == 2
+    _one_line_error(capsys, "pretrain-tokenizer diverged at step")
+    assert not (out / "tokenizer.pt").exists()
+    if (out / "metrics.jsonl").exists():
+        _jsonl_valid(out / "metrics.jsonl")
+
+
+def test_logger_writes_non_finite_values_as_null(tmp_path):
+    from vla_rft_engine.utils import RunLogger, read_jsonl
+    log = RunLogger(tmp_path, resume=False)
+    log.log(1, {"loss": float("nan"), "x": math.inf, "ok": 2.0})
+    log.close()
+    rec = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert rec["loss"] is None and rec["x"] is None and rec["ok"] == 2.0
+
+
+def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert cli(["pretrain-wm", f"segments={tmp_path / 'none.pt'}", f"out_dir={tmp_path / 'o'}"]) == 2
+    _one_line_error(capsys, "none.pt")
+    monkeypatch.setenv("VLA_RFT_DEBUG", "1")  # the traceback on request
+    with pytest.raises((FileNotFoundError, ValueError)):
+        cli(["pretrain-wm", f"segments={tmp_path / 'none.pt'}", f"out_dir={tmp_path / 'o'}"])
