@@ -148,6 +148,9 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
     """See the module docstring. `timings` (a dict) receives seconds per phase: prefill_s, sample_s (noise +
     sampling), decode_s (single-token steps), action_s (frame-end + action steps), setup_s."""
     cfg = wm.config
+    if not temperature >= 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sampling settings out of range: temperature {temperature} (>= 0; 0 = greedy), top_k {top_k} "
+                         f"(>= 0; 0 = off), top_p {top_p} (in (0, 1]; 1 = off)")
     G, P, T, A, S, lens, valid = _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples,
                                                prompt_lengths, max_seq_len, row_prompt_ids)
     dev = wm.output.weight.device
@@ -186,6 +189,7 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
     else:
         step = _Stepper(wm, cache, use_cuda_graph)
     greedy = temperature == 0
+    finite = torch.ones((), dtype=torch.bool, device=dev)  # all logits finite so far: checked once, at the end
     from vla_rft_engine.kernels.sampling import gumbel_noise
     noise_buf = None if greedy else torch.empty((B, cfg.num_codes), device=dev)
     clock.lap("setup_s")
@@ -199,6 +203,7 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
                 noise = None
                 if not greedy:  # same generator stream as a fresh draw per step
                     noise = gumbel_noise((B, cfg.num_codes), generator=generator, device=dev, out=noise_buf)
+                finite &= torch.isfinite(logits).all()  # a device flag: no host sync inside the loop
                 tok, lp = sample(logits, noise, temperature, top_k, top_p)
                 tokens[:, t, f] = tok
                 if logps is not None:
@@ -211,4 +216,7 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
                     with nvtx_range("wm.action_prefill"):
                         logits = step(torch.cat([tok[:, None], acts[:, t]], 1))
                     clock.lap("action_s")
+    if not bool(finite):
+        raise FloatingPointError("the world model produced NaN/Inf logits during the rollout, so its frames are "
+                                 "meaningless; the checkpoint is corrupt or was saved from a diverged run")
     return (tokens, logps) if return_logprobs else tokens

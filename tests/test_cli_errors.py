@@ -76,7 +76,7 @@ def test_tokenizer_stops_at_the_first_non_finite_step(tmp_path, capsys):
 
 def test_logger_writes_non_finite_values_as_null(tmp_path):
     from vla_rft_engine.utils import RunLogger, read_jsonl
-    log = RunLogger(tmp_path, resume=False)
+    log = RunLogger(tmp_path)
     log.log(1, {"loss": float("nan"), "x": math.inf, "ok": 2.0})
     log.close()
     rec = read_jsonl(tmp_path / "metrics.jsonl")[0]
@@ -89,3 +89,69 @@ def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VLA_RFT_DEBUG", "1")  # the traceback on request
     with pytest.raises((FileNotFoundError, ValueError)):
         cli(["pretrain-wm", f"segments={tmp_path / 'none.pt'}", f"out_dir={tmp_path / 'o'}"])
+
+
+def test_one_writer_per_run_dir_and_stale_temp_files_go(tmp_path):
+    import subprocess
+    import sys
+    from vla_rft_engine.config import UserError
+    from vla_rft_engine.utils import RunDirLock
+    (tmp_path / ".ckpt.pt.tmp99999").write_bytes(b"x" * 10)  # left by a killed writer
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vla_rft_engine.utils import RunDirLock\n"
+                               f"with RunDirLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not (tmp_path / ".ckpt.pt.tmp99999").exists()
+        with pytest.raises(UserError, match=f"another process \\(pid {holder.pid}\\) is writing to"):
+            with RunDirLock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunDirLock(tmp_path):  # a killed holder's lock is gone with it
+        pass
+
+
+def test_resumed_logs_hold_each_step_once(tmp_path):
+    from vla_rft_engine.utils import RunLogger, read_jsonl
+    log = RunLogger(tmp_path)
+    for s in range(1, 8):  # a run killed after logging step 7, its checkpoint at step 5
+        log.log(s, {"loss": float(s)})
+    log.close()
+    log = RunLogger(tmp_path, resume_step=5)
+    for s in range(6, 9):
+        log.log(s, {"loss": float(s)})
+    log.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, 9))
+
+
+class _Payload:  # unpickling this would run os.system; no loader may do it
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_runs_no_code_through_any_loader(tmp_path, capsys):
+    from vla_rft_engine.config import BadFileError
+    from vla_rft_engine.data.demos import load_demos
+    from vla_rft_engine.data.segments import load_segments
+    from vla_rft_engine.models.tokenizer import VisualTokenizer
+    from vla_rft_engine.train.sft import load_policy
+    from vla_rft_engine.utils import load_checkpoint
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "ckpt.pt"
+    torch.save({"model": _Payload(marker), "format": "vla-rft-demos"}, bad)
+    (tmp_path / "tok").mkdir()
+    torch.save({"model": _Payload(marker)}, tmp_path / "tok" / "tokenizer.pt")
+    for load in (load_checkpoint, load_demos, load_segments, load_policy,
+                 lambda p: VisualTokenizer.load(tmp_path / "tok")):
+        with pytest.raises(BadFileError, match="weights_only"):
+            load(bad)
+    assert not marker.exists()
+    assert cli(["wm-eval", f"wm={tmp_path}", f"tokenizer={tmp_path / 'tok'}", f"demos={bad}"]) == 2
+    _one_line_error(capsys)
+    assert not marker.exists()

@@ -133,3 +133,16 @@ def test_cpu_rollout_runs_without_triton():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "ok False"
+
+
+def test_rollout_validates_sampling_settings_and_reports_nan_logits():
+    wm = _wm()
+    prompt, acts = _inputs(G=1)
+    for kw in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match="sampling settings out of range"):
+            wm.rollout(prompt, acts, tokens_per_frame=3, **kw)
+    with torch.no_grad():
+        wm.layers[0].feed_forward.w2.weight[0, 0] = float("nan")  # a corrupt checkpoint
+    for t in (0.0, 1.0):
+        with pytest.raises(FloatingPointError, match="NaN/Inf logits"):
+            wm.rollout(prompt, acts, tokens_per_frame=3, temperature=t, generator=torch.Generator().manual_seed(0))

@@ -44,6 +44,25 @@ def test_pretrain_wm_learns_and_resumes(tmp_path):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 40
 
 
+def test_pretrain_wm_resume_is_bit_exact_and_refuses_other_settings(tmp_path, capsys):
+    from vla_rft_engine.cli import main as cli
+    from vla_rft_engine.models.world_model import WorldModel
+    _synthetic(tmp_path / "seg.pt")
+    args = [f"segments={tmp_path / 'seg.pt'}", "preset=tiny", "batch_size=4", "lr=3e-3", "ckpt_every=3",
+            "progress=false", "device=cpu"]
+    assert cli(["pretrain-wm", *args, f"out_dir={tmp_path / 'a'}", "steps=6"]) == 0
+    assert cli(["pretrain-wm", *args, f"out_dir={tmp_path / 'b'}", "steps=3"]) == 0
+    assert cli(["pretrain-wm", *args, f"out_dir={tmp_path / 'b'}", "steps=6"]) == 0  # resumes at 3
+    wa, wb = (WorldModel.from_pretrained(tmp_path / d / "world_model").state_dict() for d in "ab")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    before = (tmp_path / "b" / "config.yaml").read_text()
+    assert cli(["pretrain-wm", *args, f"out_dir={tmp_path / 'b'}", "steps=9", "lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "lr: 0.003 in the checkpoint vs 0.001 now" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "b" / "config.yaml").read_text() == before  # the record of the run is untouched
+
+
 def test_pretrain_wm_two_gloo_ranks_equal_one(tmp_path):
     """torchrun DDP: each rank trains on its share of one global batch; losses and weights match one process,
     with change_weight on (the weighted mean's denominator is the global one)."""

@@ -179,3 +179,15 @@ def test_r1_and_r2_designs(stage, tmp_path):
 def test_cuda_step(stage, tmp_path):
     h = rft.train(cfg_for(stage, tmp_path, "grpo.steps=1", "device=cuda"))["history"]
     assert torch.isfinite(torch.tensor(h[0]["reward/mean"]))
+
+
+def test_steps_without_reward_signal_warn_then_stop(stage, tmp_path, monkeypatch):
+    real = rft.RFTRun.step
+
+    def flat_step(self, step):  # the real step, as if every group's rollouts had come out identical
+        m, viz = real(self, step)
+        return {**m, "reward/group_std": 0.0}, viz
+    monkeypatch.setattr(rft.RFTRun, "step", flat_step)
+    with pytest.warns(UserWarning, match="same reward"):
+        with pytest.raises(rft.UserError, match="rft stopped at step 2: 2 steps in a row with equal rewards"):
+            rft.train(cfg_for(stage, tmp_path, "grpo.steps=4", "max_flat_steps=2"))

@@ -128,3 +128,11 @@ def test_two_gloo_ranks_equal_one(tmp_path):
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in ("one", "two"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    from vla_rft_engine.cli import main as cli
+    assert cli(["sft", f"out_dir={tmp_path}", "steps=2", *TINY]) == 0
+    assert cli(["sft", f"out_dir={tmp_path}", "steps=4", *TINY, "policy.d_model=32"]) == 2
+    err = capsys.readouterr().err
+    assert "policy.d_model: 16 in the checkpoint vs 32 now" in err and "Traceback" not in err

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import UserError
     try:
         return int(mod.main(rest) or 0)
-    except (UserError, FileNotFoundError, ValueError) as e:  # bad config, files, data: what the user can fix
+    except (UserError, FileNotFoundError, ValueError, FloatingPointError) as e:  # config, files, data, NaN: user-fixable
         if os.environ.get("VLA_RFT_DEBUG"):
             raise
         hint = "" if isinstance(e, UserError) else " (VLA_RFT_DEBUG=1 shows the traceback)"

@@ -28,6 +28,10 @@ class Diverged(UserError, FloatingPointError):
     """Training hit a non-finite loss or gradient; nothing from that step on was applied or saved."""
 
 
+class BadFileError(UserError, RuntimeError):
+    """A file is corrupt, of another format, or not loadable without running code (weights_only)."""
+
+
 class NonFiniteError(ValueError):
     """A tensor holds NaN/Inf (models.encoders.check_finite): bad input, or inside a training step, divergence."""
 
@@ -158,6 +162,22 @@ def flat_dict(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+RESUME_RUNTIME_KEYS = frozenset({"out_dir", "steps", "stop_at", "log_every", "ckpt_every", "eval_every", "resume",
+                                  "progress", "device"})  # may differ between a run and its resume
+
+
+def check_resume_config(saved: dict | None, cfg, out_dir, runtime=RESUME_RUNTIME_KEYS) -> None:
+    """A resumed run must have the settings it was started with: otherwise a ConfigError naming the keys."""
+    if not saved:
+        return
+    old, new = flat_dict(saved), flat_dict(to_dict(cfg))
+    diff = [k for k in sorted(set(old) | set(new)) if k not in runtime and old.get(k) != new.get(k)]
+    if diff:
+        show = ", ".join(f"{k}: {old.get(k)!r} in the checkpoint vs {new.get(k)!r} now" for k in diff[:4])
+        raise ConfigError(f"{out_dir} holds a run with other settings ({show}{', ...' if len(diff) > 4 else ''}); "
+                          "pass the same settings to resume, or use another out_dir (or resume=false to start over)")
 
 
 def save_config(cfg, path: str | Path) -> None:

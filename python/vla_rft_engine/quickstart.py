@@ -33,7 +33,7 @@ from .rl.rft import RFTConfig
 from .train.sft import SFTConfig
 from .train.tokenizer import TokenizerTrainConfig
 from .train.world_model import WMTrainConfig
-from .utils import atomic_write_text
+from .utils import RunDirLock, atomic_write_text
 
 STAGES = ("demos", "tokenizer", "world_model", "sft", "rft", "evaluate", "report")
 RUNTIME_KEYS = ("progress", "device")  # may change between a run and its resume
@@ -211,6 +211,10 @@ class Quickstart:
                               "use another out_dir, or delete the directory to start over")
 
     def run(self) -> dict:
+        with RunDirLock(self.out):  # one quickstart per out_dir (each stage also locks its own folder)
+            return self._run()
+
+    def _run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self._check_resume(state)

@@ -34,6 +34,41 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+class RunDirLock:
+    """One writer per run directory: an exclusive flock on OUT/.lock (released when the process ends, even
+    killed). Entering also removes temp files that killed writers of this directory left behind."""
+
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            from .config import UserError
+            raise UserError(f"another process (pid {other}) is writing to {self.dir}; wait for it to finish, stop "
+                            "it, or use another out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        for tmp in self.dir.rglob(".*.tmp[0-9]*"):  # half-written checkpoints of killed runs (we hold the lock)
+            tmp.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+        return False
+
+
 def _atomic_write(path: str | Path, write) -> None:
     """write(f) to a temp file in the same folder, fsync, then rename: a killed run never leaves half a file."""
     path = Path(path)
@@ -60,11 +95,13 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", map_location="cp
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found at {path}; train it first or point the config at the right file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated / not a torch file
-        raise RuntimeError(f"{what} at {path} is corrupt or not a torch checkpoint ({type(e).__name__}: {e}); "
-                           "delete it and re-run the stage that writes it") from e
+    try:  # weights_only: tensors and plain containers only, so a shared checkpoint cannot run code
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or a pickle that wants to build arbitrary objects
+        from .config import BadFileError
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BadFileError(f"{what} at {path} is corrupt or not a plain-data torch checkpoint (loaded with "
+                           f"weights_only=True: {why}); delete it and re-run the stage that writes it") from None
 
 
 def _json_number(v) -> float | None:
@@ -95,15 +132,22 @@ def diverged_if_non_finite(what: str, step: int, lr: float):
 
 
 class RunLogger:
-    """Scalars to TensorBoard (when installed) and to metrics.jsonl, one JSON object per step."""
+    """Scalars to TensorBoard (when installed) and to metrics.jsonl, one JSON object per step.
 
-    def __init__(self, out_dir: str | Path, resume: bool = False):
+    resume_step > 0: a run resumed from its checkpoint at that step; what was logged after it (by the killed
+    run) is dropped from both, so every step appears once."""
+
+    def __init__(self, out_dir: str | Path, resume_step: int = 0):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a" if resume else "w")
+        path = self.dir / "metrics.jsonl"
+        if resume_step > 0 and path.is_file():
+            keep = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        self.jsonl = open(path, "a" if resume_step > 0 else "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.dir / "tb"))
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=resume_step + 1 if resume_step > 0 else None)
         except Exception:  # tensorboard missing: JSONL only
             self.tb = None
 

@@ -81,15 +81,13 @@ def load_demos(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"demos file not found at {path}; collect them with collect_demos + save_demos")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise RuntimeError(f"demos file {path} is corrupt or not a torch file ({type(e).__name__}: {e}); "
-                           "delete it and collect again") from e
+    from ..config import BadFileError
+    from ..utils import load_checkpoint
+    blob = load_checkpoint(path, "demos file")  # weights_only: loading never runs code
     if not isinstance(blob, dict) or blob.get("format") != DEMOS_FORMAT:
-        raise RuntimeError(f"{path} is not a demos file (no '{DEMOS_FORMAT}' format header)")
+        raise BadFileError(f"{path} is not a demos file (no '{DEMOS_FORMAT}' format header)")
     if blob.get("version") != DEMOS_VERSION:
-        raise RuntimeError(f"demos file {path} has version {blob.get('version')}, this code reads version "
+        raise BadFileError(f"demos file {path} has version {blob.get('version')}, this code reads version "
                            f"{DEMOS_VERSION}; collect the demos again")
     return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in blob.items()
             if k not in ("format", "version")}

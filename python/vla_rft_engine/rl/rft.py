@@ -25,9 +25,11 @@ the update then differs only by float reduction order (the tests use rtol 1e-4).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,9 +38,9 @@ import torch
 import torch.nn as nn
 
 from ..cli import parse_command
-from ..config import ConfigError, Diverged, save_config, to_dict
+from ..config import ConfigError, Diverged, UserError, save_config, to_dict
 from ..metrics import spearman
-from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range, read_jsonl
+from ..utils import RunDirLock, RunLogger, atomic_save, load_checkpoint, nvtx_range
 from .. import distributed as du
 from .grpo import approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
 from .rewards import verified_reward
@@ -294,48 +296,59 @@ def build(cfg: RFTConfig, d: du.Dist) -> RFTRun:
 def train(cfg: RFTConfig, run: RFTRun | None = None) -> dict:
     d = du.init(cfg.device) if run is None else run.d
     try:
-        run = run or build(cfg, d)
-        out = Path(cfg.out_dir)
-        ckpt, step, history = out / "ckpt.pt", 0, []
-        if cfg.resume and ckpt.is_file():
-            step, history = run.load(ckpt)
-        if d.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-            if step > 0 and (out / "metrics.jsonl").is_file():  # drop lines logged after the checkpoint
-                keep = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= step]
-                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
-        logger = RunLogger(out, resume=step > 0) if d.is_main else None
-        end = min(cfg.grpo.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.grpo.steps
-        bar = None
-        if cfg.progress and d.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.grpo.steps, initial=step, desc="rft", dynamic_ncols=True)
-        while step < end:
-            metrics, viz = run.step(step)
-            step += 1
-            history.append({"step": step, **metrics})
-            if logger and (step % cfg.log_every == 0 or step == end):
-                logger.log(step, metrics)
-            if viz is not None and cfg.image_every > 0 and step % cfg.image_every == 0:
-                save_rollout_png(viz, out / "rollouts" / f"step_{step:05d}.png")
-            if step % cfg.ckpt_every == 0 or step == end:
-                run.save(ckpt, step, history)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(R=f"{metrics['reward/mean']:.4f}", R_std=f"{metrics['reward/group_std']:.4f}",
-                                rho=f"{metrics['signal/spearman_reward_vs_action']:.2f}")
-        if bar is not None:
-            bar.close()
-        if logger:
-            logger.close()
-            if history:
-                from ..viz import save_curve
-                save_curve([h["step"] for h in history], {"reward/mean": [h["reward/mean"] for h in history]},
-                           out / "reward_curve.png", title="RFT mean verified reward")
-        return {"step": step, "history": history}
+        with RunDirLock(cfg.out_dir) if d.is_main else contextlib.nullcontext():
+            return _train(cfg, d, run)
     finally:
         du.shutdown(d)
+
+
+def _train(cfg: RFTConfig, d: du.Dist, run: RFTRun | None) -> dict:
+    run = run or build(cfg, d)
+    out = Path(cfg.out_dir)
+    ckpt, step, history = out / "ckpt.pt", 0, []
+    if cfg.resume and ckpt.is_file():
+        step, history = run.load(ckpt)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    logger = RunLogger(out, resume_step=step) if d.is_main else None
+    end = min(cfg.grpo.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.grpo.steps
+    bar = None
+    if cfg.progress and d.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.grpo.steps, initial=step, desc="rft", dynamic_ncols=True)
+    flat = 0  # steps in a row where every group's rewards were all equal (no advantage, no update signal)
+    while step < end:
+        metrics, viz = run.step(step)
+        step += 1
+        history.append({"step": step, **metrics})
+        if logger and (step % cfg.log_every == 0 or step == end):
+            logger.log(step, metrics)
+        if viz is not None and cfg.image_every > 0 and step % cfg.image_every == 0:
+            save_rollout_png(viz, out / "rollouts" / f"step_{step:05d}.png")
+        flat = flat + 1 if metrics["reward/group_std"] == 0 else 0
+        if flat == 1:
+            warnings.warn(f"rft step {step}: every group's rollouts got the same reward, so the step had no signal; "
+                          "the world model may ignore the actions or emit constant frames")
+        if cfg.max_flat_steps and flat >= cfg.max_flat_steps:
+            raise UserError(f"rft stopped at step {step}: {flat} steps in a row with equal rewards within every group "
+                            "(no learning signal). Check the world model with `vla-rft wm-eval` (action swap) and "
+                            "its pairing with the tokenizer; max_flat_steps=0 disables this stop")
+        if step % cfg.ckpt_every == 0 or step == end:
+            run.save(ckpt, step, history)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(R=f"{metrics['reward/mean']:.4f}", R_std=f"{metrics['reward/group_std']:.4f}",
+                            rho=f"{metrics['signal/spearman_reward_vs_action']:.2f}")
+    if bar is not None:
+        bar.close()
+    if logger:
+        logger.close()
+        if history:
+            from ..viz import save_curve
+            save_curve([h["step"] for h in history], {"reward/mean": [h["reward/mean"] for h in history]},
+                       out / "reward_curve.png", title="RFT mean verified reward")
+    return {"step": step, "history": history}
 
 
 def save_rollout_png(viz: dict, path: Path) -> None:

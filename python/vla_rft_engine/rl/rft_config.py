@@ -11,7 +11,7 @@ from .grpo import GRPOConfig
 from .rewards import RewardConfig
 
 RUNTIME_KEYS = {"out_dir", "stop_at", "log_every", "ckpt_every", "image_every", "resume", "progress", "device",
-                "grpo.steps", "profile"}  # may change between a run and its resume
+                "grpo.steps", "profile", "max_flat_steps"}  # may change between a run and its resume
 CKPT_FORMAT = "vla-rft-rft/1"
 
 
@@ -35,6 +35,7 @@ class RFTConfig:
     noise_rows: int = 2            # extra rollouts re-sampling chunk 0: the reward std they show is world-model
                                    # noise, logged beside the in-group std (signal/*); 0 = off
     weight_decay: float = 0.0
+    max_flat_steps: int = 5        # stop after this many steps in a row with equal rewards in every group (0: never)
     stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
     log_every: int = 1
     ckpt_every: int = 50

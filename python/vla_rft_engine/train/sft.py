@@ -14,6 +14,7 @@ action/proprio normalisation statistics (load_policy reads it back).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,10 +25,10 @@ import torch
 
 from .. import distributed as du
 from ..cli import parse_command
-from ..config import ConfigError, from_dict, save_config, to_dict
+from ..config import ConfigError, check_resume_config, from_dict, save_config, to_dict
 from ..models.policy import PolicyConfig, VLAPolicy
-from ..utils import (RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint, resolve_device,
-                     seed_everything)
+from ..utils import (RunDirLock, RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint,
+                     resolve_device, seed_everything)
 
 
 @dataclass
@@ -203,7 +204,8 @@ def train(cfg: SFTConfig) -> dict:
     global batch and trains on its 1/K share, so K ranks take the same steps as one process."""
     d = du.init(resolve_device(cfg.device).type)
     try:
-        return _train(cfg, d)
+        with RunDirLock(cfg.out_dir) if d.is_main else contextlib.nullcontext():
+            return _train(cfg, d)
     finally:
         du.shutdown(d)
 
@@ -247,13 +249,14 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
     ckpt_path, start = out / "ckpt.pt", 0
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, "SFT checkpoint", map_location=device)
+        check_resume_config(ck.get("config"), cfg, out)
         policy.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
     if d.is_main:
         save_config(cfg, out / "config.yaml")
-    logger = RunLogger(out, resume=start > 0) if d.is_main else None
+    logger = RunLogger(out, resume_step=start) if d.is_main else None
 
     def save(step, metrics):
         atomic_save({"model": policy.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import metrics
-from ..config import save_config
+from ..config import check_resume_config, save_config, to_dict
 from ..models.tokenizer import TokenizerConfig, VisualTokenizer
-from ..utils import (RunLogger, atomic_save, check_finite_step, load_checkpoint, nvtx_range, resolve_device,
-                     seed_everything)
+from ..utils import (RunDirLock, RunLogger, atomic_save, check_finite_step, load_checkpoint, nvtx_range,
+                     resolve_device, seed_everything)
 from ..viz import save_frame_grid
 
 
@@ -186,9 +186,13 @@ def motion_weights(ctx: torch.Tensor, frames: torch.Tensor, weight: float) -> to
 
 
 def train(cfg: TokenizerTrainConfig) -> dict:
+    with RunDirLock(cfg.out_dir):
+        return _train(cfg)
+
+
+def _train(cfg: TokenizerTrainConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "train_config.yaml")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     frames = load_frames(cfg)
@@ -208,13 +212,15 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     ck_path = out / "train_state.pt"
     if ck_path.exists():  # resume
         ck = load_checkpoint(ck_path, "tokenizer training state")
+        check_resume_config(ck.get("config"), cfg, out)
         tok.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         g.set_state(ck["data_rng"])
         torch.set_rng_state(ck["torch_rng"])
         step = ck["step"]
         print(f"tokenizer: resuming from step {step}", flush=True)
-    logger = RunLogger(out, resume=step > 0)
+    save_config(cfg, out / "train_config.yaml")  # after the resume check: it records the settings in use
+    logger = RunLogger(out, resume_step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", file=sys.stdout, mininterval=10)
     t_start = time.time()
     last_eval: dict = {}
@@ -253,7 +259,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                        f"dynamics {last_eval['psnr_dynamics']:.2f}), SSIM {last_eval['ssim']:.3f}", file=sys.stdout)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             atomic_save({"model": tok.state_dict(), "optim": opt.state_dict(), "step": step,
-                         "data_rng": g.get_state(), "torch_rng": torch.get_rng_state()}, ck_path)
+                         "data_rng": g.get_state(), "torch_rng": torch.get_rng_state(), "config": to_dict(cfg)}, ck_path)
     bar.close()
     if not last_eval:
         last_eval = evaluate(tok, frames, held_eps, cfg.eval_pairs, cfg.max_offset, lp, device, png=out / "reconstruction.png")

@@ -15,6 +15,7 @@ global target weight, so K ranks take the same steps as one process with the sam
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +24,11 @@ import torch.nn.functional as F
 
 from .. import distributed as du
 from ..cli import parse_command
-from ..config import ConfigError, save_config, to_dict
+from ..config import ConfigError, check_resume_config, save_config, to_dict
 from ..data.segments import load_segments
 from ..layout import ActionDiscretizer, TokenLayout
 from ..models.world_model import WorldModel, WorldModelConfig, init_weights
-from ..utils import RunLogger, atomic_save, check_finite_step, load_checkpoint, resolve_device, seed_everything
+from ..utils import RunDirLock, RunLogger, atomic_save, check_finite_step, load_checkpoint, resolve_device, seed_everything
 
 
 @dataclass
@@ -176,7 +177,8 @@ def train(cfg: WMTrainConfig) -> dict:
     cfg.validate()
     d = du.init(resolve_device(cfg.device).type)
     try:
-        return _train(cfg, d)
+        with RunDirLock(cfg.out_dir) if d.is_main else contextlib.nullcontext():
+            return _train(cfg, d)
     finally:
         du.shutdown(d)
 
@@ -190,7 +192,6 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if d.is_main:
-        save_config(cfg, out / "config.yaml")
         seg = load_segments(cfg.segments) if cfg.segments else _segments_from_demos(cfg, out, dev)
     du.barrier(d)  # rank 0 tokenized the demos (once); the others read its segments file
     if not d.is_main:
@@ -220,14 +221,21 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
     def total_weight(local):  # mean over ranks of the share's weight sums: with DDP's gradient mean, the step
         return du.scalar_mean(d, local)  # equals one process's weighted mean over the whole batch
     ckpt_path, step = out / "ckpt.pt", 0
+    gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, "world-model checkpoint", map_location=dev)
+        check_resume_config(ck.get("config"), cfg, out)
         wm.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step = ck["step"]
         torch.set_rng_state(ck["rng"])
-    log = RunLogger(out, resume=step > 0) if d.is_main else None
-    gen = torch.Generator().manual_seed(cfg.seed + step)
+        if "data_rng" in ck:  # batch draws continue where they stopped: resume == uninterrupted, bit for bit
+            gen.set_state(ck["data_rng"])
+        else:  # a checkpoint from before data_rng was saved
+            gen.manual_seed(cfg.seed + step)
+    if d.is_main:
+        save_config(cfg, out / "config.yaml")  # after the resume check: it records the settings in use
+    log = RunLogger(out, resume_step=step) if d.is_main else None
     share = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and dev.type == "cuda")
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain-wm", dynamic_ncols=True,
@@ -252,7 +260,7 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
             bar.set_postfix(loss=f"{full:.4f}")
         if d.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             atomic_save({"model": wm.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "rng": torch.get_rng_state(), "config": to_dict(cfg)}, ckpt_path)
+                         "rng": torch.get_rng_state(), "data_rng": gen.get_state(), "config": to_dict(cfg)}, ckpt_path)
     bar.close()
     if d.is_main:
         log.close()
