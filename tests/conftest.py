@@ -14,4 +14,4 @@ def _seed():
 
 
 def cuda_only():
-    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU)")
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,7 +16,7 @@ TINY = ["num_demos=6", "wm_demos=4", "tokenizer.steps=2", "tokenizer.eval_pairs=
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs")
-    assert cli.main(["quickstart", f"out_dir={out}", *TINY]) == 0
+    assert cli.main(["quickstart", "--smoke", f"out_dir={out}", *TINY]) == 0  # the smoke preset, shrunk further
     return out
 
 
@@ -68,3 +68,19 @@ def test_bad_input_errors(capsys):
         load_config(QuickstartConfig, None, ["settings=[none,object_huge]"])
     assert cli.main(["quickstart", "rft.grpo.stepz=3"]) == 2
     assert "unknown config key 'rft.grpo.stepz'" in capsys.readouterr().err
+
+
+def test_smoke_preset_is_small_and_overridable():
+    from vla_rft_engine.quickstart import SMOKE
+    c = load_config(QuickstartConfig, None, SMOKE + ["sft.steps=7"])
+    assert c.out_dir == "runs/quickstart_smoke" and c.seeds == [0] and c.sft.steps == 7
+    assert c.world_model.steps < QuickstartConfig().world_model.steps
+
+
+def test_stage_keys_the_quickstart_sets_are_refused(capsys):
+    assert cli.main(["quickstart", "rft.seed=7", "sft.task=push"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.task, rft.seed: set by the quickstart itself" in err
+    assert cli.main(["quickstart", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "rft.seed=0" in out and "[set by quickstart]" in out.split("rft.seed=0", 1)[1].splitlines()[0]

@@ -177,7 +177,8 @@ def test_missing_lpips_weights_error_and_fallback(frames, tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth") as e:
         RW.verified_reward(RW.RewardConfig(), policy_frames=pol, wm_reference_frames=ref)
     assert "allow_l1_only_fallback" in str(e.value)
-    with pytest.warns(UserWarning, match="drops its LPIPS term"):
+    RW._FALLBACK_WARNED.clear()
+    with pytest.warns(UserWarning, match="verified reward is L1 only"):
         R = RW.verified_reward(RW.RewardConfig(allow_l1_only_fallback=True), policy_frames=pol,
                                wm_reference_frames=ref)
     l1 = (pol - ref).abs().flatten(-3).mean(-1).sum(-1)

@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"vla-rft: unknown command '{cmd}'.\n\n{usage()}", file=sys.stderr)
+        import difflib
+        near = difflib.get_close_matches(cmd, COMMANDS, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        print(f"vla-rft: unknown command '{cmd}'.{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     mod = importlib.import_module(COMMANDS[cmd][0])
     from .config import UserError
@@ -83,10 +86,18 @@ def parse_command(cmd: str, cls, argv: list[str] | None):
 
 
 def print_config_help(cmd: str, cfg) -> None:
-    import yaml
-    from .config import to_dict
-    print(f"usage: vla-rft {cmd} [--config FILE.yaml] [key=value ...]\n\nconfig (defaults):")
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Every key with its default and description; keys the command fills in itself are marked."""
+    import json
+    from .config import describe_keys
+    owned = set(getattr(cfg, "SET_BY_COMMAND", ()))
+    rows = describe_keys(cfg)
+    w = min(max(len(k) + len(str(v)) for k, v, _ in rows) + 4, 60)
+    print(f"usage: vla-rft {cmd} [--config FILE.yaml] [key=value ...]\n\n{COMMANDS[cmd][1]}\n\nkeys (default):")
+    for k, v, doc in rows:
+        if k in owned:
+            doc = f"[set by {cmd}] " + doc
+        shown = (v or '""') if isinstance(v, str) else json.dumps(v, default=str)  # as typed on the command line
+        print(f"  {k + '=' + shown:<{w}} {doc}".rstrip())
 
 
 if __name__ == "__main__":

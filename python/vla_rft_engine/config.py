@@ -51,6 +51,31 @@ def _valid_keys(obj, prefix: str = "") -> list[str]:
     return keys
 
 
+def field_docs(cls) -> dict[str, str]:
+    """{field: its trailing `# comment` in the class source}: the one-line descriptions `--help` prints."""
+    import inspect
+    import re
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pat = re.compile(r"^\s+(\w+)\s*:[^=#]+(?:=[^#]*)?#\s*(.+)$")
+    return {m.group(1): m.group(2).strip() for m in map(pat.match, src.splitlines()) if m}
+
+
+def describe_keys(cfg, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every leaf of a config dataclass."""
+    docs = field_docs(type(cfg))
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out += describe_keys(v, prefix + f.name + ".")
+        else:
+            out.append((prefix + f.name, v, docs.get(f.name, "")))
+    return out
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Cast a parsed YAML scalar/list to the field's annotated type."""
     origin = typing.get_origin(tp)
@@ -103,8 +128,11 @@ def set_key(cfg, key: str, raw: Any) -> None:
     for i, p in enumerate(parts):
         names = {f.name for f in dataclasses.fields(obj)}
         if p not in names:
-            valid = ", ".join(_valid_keys(cfg))
-            raise ConfigError(f"unknown config key '{key}' for {type(cfg).__name__}. Valid keys: {valid}")
+            import difflib
+            keys = _valid_keys(cfg)
+            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(k) for k in near)}? " if near else ""
+            raise ConfigError(f"unknown config key '{key}'; {hint}`--help` lists the {len(keys)} keys")
         if i < len(parts) - 1:
             obj = getattr(obj, p)
             if not dataclasses.is_dataclass(obj):

@@ -40,6 +40,13 @@ def backends() -> dict[str, tuple[bool, str]]:
                              ("libero", "libero.libero", "pip install '.[libero]'")]:
         ok, why = _module(mod)
         out[name] = (ok, why if ok else f"{why} -> {extra}")
+    from .rl.lpips import resolve_weight_paths
+    for net in ("alex", "vgg"):  # the package alone is not LPIPS: the reward needs both weight files on disk
+        try:
+            bb, hp = resolve_weight_paths(net)
+            out[f"LPIPS weights ({net})"] = (True, f"{bb} + {hp}")
+        except FileNotFoundError as e:
+            out[f"LPIPS weights ({net})"] = (False, str(e).split(": ", 1)[-1])
     return out
 
 

@@ -23,6 +23,7 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,21 @@ class QuickstartConfig:
     sft: SFTConfig = field(default_factory=_sft)
     rft: RFTConfig = field(default_factory=_rft)
 
+    # stage keys the quickstart fills in from its own (top-level) keys: setting them would be silently ignored
+    SET_BY_COMMAND: ClassVar[tuple] = (
+        "tokenizer.out_dir", "tokenizer.data", "tokenizer.device", "tokenizer.model.image_size",
+        "world_model.out_dir", "world_model.demos", "world_model.tokenizer", "world_model.segments",
+        "world_model.device", "world_model.progress", "sft.out_dir", "sft.data", "sft.task", "sft.image_size",
+        "sft.progress", "sft.device", "rft.out_dir", "rft.seed", "rft.tokenizer", "rft.world_model", "rft.policy",
+        "rft.demos", "rft.segments", "rft.action_ranges", "rft.progress", "rft.device")
+
     def validate(self) -> None:
         from .envs.perturb import check_perturbation
+        now, default = flat_dict(to_dict(self)), flat_dict(to_dict(QuickstartConfig()))
+        bad = [k for k in self.SET_BY_COMMAND if now.get(k) != default.get(k)]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: set by the quickstart itself from its top-level keys (out_dir, task, "
+                              "image_size, seeds, device, progress); use those, or run the stage's own command")
         from .envs.tasks import resolve_task
         try:
             resolve_task(self.task)
@@ -242,7 +256,18 @@ class Quickstart:
         return state
 
 
+# `vla-rft quickstart --smoke`: every stage at small sizes in about two minutes on a laptop CPU, to check an
+# install or a change end to end; its numbers mean nothing. key=value overrides still apply on top.
+SMOKE = ["out_dir=runs/quickstart_smoke", "num_demos=12", "wm_demos=8", "tokenizer.steps=20", "tokenizer.eval_pairs=8",
+         "world_model.steps=40", "world_model.batch_size=4", "sft.steps=40", "rft.grpo.steps=3",
+         "rft.grpo.task_instances=2", "rft.grpo.rollouts=4", "rft.states_per_block=2", "eval_episodes=2", "seeds=[0]",
+         "settings=[none,all_major]"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    if "--smoke" in argv:
+        argv = SMOKE + [a for a in argv if a != "--smoke"]
     cfg = parse_command("quickstart", QuickstartConfig, argv)
     if cfg is None:
         return 0
@@ -251,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     if md.is_file():
         print(md.read_text())
     total = sum(s["wall_s"] for s in state["stages"].values())
-    print(f"quickstart: stage times {json.dumps({k: v['wall_s'] for k, v in state['stages'].items()})}, "
-          f"total {total:.0f} s; outputs in {cfg.out_dir}")
+    print(f"quickstart: this run {state['this_run_s']:.0f} s; stage times when each ran "
+          f"{json.dumps({k: v['wall_s'] for k, v in state['stages'].items()})} (sum {total:.0f} s); "
+          f"outputs in {cfg.out_dir}")
     return 0
 
 
-__all__ = ["QuickstartConfig", "Quickstart", "main", "STAGES"]
+__all__ = ["QuickstartConfig", "Quickstart", "main", "STAGES", "SMOKE"]

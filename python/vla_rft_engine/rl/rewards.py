@@ -125,12 +125,18 @@ def action_deviation(policy_actions: torch.Tensor, dataset_actions: torch.Tensor
     return (policy_actions.float() - dataset_actions.float()).abs().mean(-1)
 
 
+_FALLBACK_WARNED: list = []
+
+
 def _resolve_lpips(cfg: RewardConfig, device: torch.device) -> LPIPS | None:
     try:
         return get_lpips(cfg.lpips_net, device, cfg.lpips_backbone_path, cfg.lpips_heads_path)
     except FileNotFoundError as e:
         if cfg.allow_l1_only_fallback:
-            warnings.warn(f"{e}. allow_l1_only_fallback is set: the reward drops its LPIPS term.", stacklevel=3)
+            if not _FALLBACK_WARNED:  # once per process, short; `vla-rft info` lists the files and where they go
+                _FALLBACK_WARNED.append(True)
+                warnings.warn("LPIPS weights are not on disk (`vla-rft info` says which files and where), so the "
+                              "verified reward is L1 only (allow_l1_only_fallback)", stacklevel=3)
             return None
         raise FileNotFoundError(f"{e}. The verified reward needs LPIPS (lambda_lp={cfg.lambda_lp}); set "
                                 "allow_l1_only_fallback=True to reward with the pixel term only, or "
