@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("vla_rft_engine.train.sft", "Stage I flow-matching SFT of the policy (Eq. 4)"),
     "rft": ("vla_rft_engine.rl.rft", "Stage II GRPO fine-tuning of the policy in the frozen world model"),
     "quickstart": ("vla_rft_engine.quickstart", "every stage on the built-in task, then SFT vs RFT success tables"),
+    "export": ("vla_rft_engine.export.command", "the deployed policy to ONNX (or a TensorRT engine on a GPU), checked"),
 }
 
 

@@ -29,15 +29,15 @@ def backends() -> dict[str, tuple[bool, str]]:
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     out["triton"] = (ok and (cuda or interp), f"{why}; " + ("GPU" if cuda else "CPU interpreter (TRITON_INTERPRET=1)" if interp
                                                            else "no GPU: set TRITON_INTERPRET=1 to run kernels on the CPU (slow)"))
+    # only what some code path uses: attn_backend=flash, vla-rft export (onnx / tensorrt), the LPIPS heads,
+    # the HF VLM encoder and the transformers rollout baselines
     for name, mod, extra in [("flash-attn", "flash_attn", "pip install '.[flash]' on a CUDA machine"),
                              ("tensorrt", "tensorrt", "pip install '.[tensorrt]' on a CUDA machine"),
                              ("onnx", "onnx", "pip install '.[onnx]'"),
                              ("onnxruntime", "onnxruntime", "pip install '.[onnx]'"),
-                             ("cupy", "cupy", "pip install '.[gpu]' on a CUDA machine"),
-                             ("nvtx", "nvtx", "pip install '.[gpu]' (torch.cuda.nvtx is used otherwise)"),
+                             ("onnxscript", "onnxscript", "pip install '.[onnx]' (torch's ONNX exporter)"),
                              ("lpips", "lpips", "pip install '.[lpips]'"),
-                             ("transformers", "transformers", "pip install '.[hf]'"),
-                             ("libero", "libero.libero", "pip install '.[libero]'")]:
+                             ("transformers", "transformers", "pip install '.[hf]'")]:
         ok, why = _module(mod)
         out[name] = (ok, why if ok else f"{why} -> {extra}")
     from .rl.lpips import resolve_weight_paths

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
+    """Eager input check; skipped while torch.export / torch.compile trace (a data-dependent branch there)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
     if t.is_floating_point() and not torch.isfinite(t).all():
         from ..config import NonFiniteError
         raise NonFiniteError(f"{name} holds NaN or Inf values ({int((~torch.isfinite(t)).sum())} of {t.numel()})")
@@ -184,8 +187,9 @@ class SmallEncoder(nn.Module):
     def forward(self, image, instruction, proprio) -> torch.Tensor:
         x = image_to_float(image).to(self.txt_proj.weight.device)
         B, _, H, W = x.shape
-        if len(instruction) != B or proprio.shape != (B, self.proprio_dim):
-            raise ValueError(f"encoder batch mismatch: image B={B}, {len(instruction)} instructions, "
+        nb = instruction.shape[0] if torch.is_tensor(instruction) else len(instruction)  # shape: symbolic in export
+        if nb != B or proprio.shape != (B, self.proprio_dim):
+            raise ValueError(f"encoder batch mismatch: image B={B}, {nb} instructions, "
                              f"proprio {tuple(proprio.shape)} (expected ({B}, {self.proprio_dim}))")
         check_finite("proprio", proprio)
         t = self.encode_text(instruction, x.device)
