@@ -136,3 +136,9 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert cli(["sft", f"out_dir={tmp_path}", "steps=4", *TINY, "policy.d_model=32"]) == 2
     err = capsys.readouterr().err
     assert "policy.d_model: 16 in the checkpoint vs 32 now" in err and "Traceback" not in err
+
+
+def test_checkpoint_carries_the_flow_tau_law(tmp_path):
+    """RFT's flow-MSE term draws tau from the law the policy was trained with (the SFT config), not a constant."""
+    sft.train(cfg(tmp_path, "steps=1", "tau_alpha=0.5", "tau_beta=2.0"))
+    assert sft.load_policy(tmp_path / "ckpt.pt").flow_tau == (0.5, 2.0)

@@ -81,6 +81,7 @@ class VLAPolicy(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.flow_tau = (1.0, 1.5)  # Beta(alpha, beta) of the flow-MSE tau (Eq. 4): SFT's law, carried by checkpoints
         if encoder is None:
             if cfg.encoder == "small":
                 encoder = SmallEncoder(cfg.proprio_dim, cfg.z_dim, cfg.enc_channels, version=cfg.enc_version,

@@ -145,7 +145,7 @@ class RFTRun:
             R, R_noise = self._reward(step, pool_idx, actions, ref, frames, b)
         E, (C, A) = cfg.grpo.ppo_epochs, pol.chunk_shape
         from ..models.policy import sample_beta  # flow-MSE draws, one per (start state, epoch)
-        tau = sample_beta(1.0, 1.5, k * E, gen, dev).view(k, E)
+        tau = sample_beta(*pol.flow_tau, k * E, gen, dev).view(k, E)  # the law the policy was trained with (SFT)
         noise = torch.randn(k, E, C, A, generator=gen, device=dev)
         dist = (actions - ref[:, None]).abs().sum((2, 3))  # (k, N): the chunk's L1 distance to the dataset chunk
         return {"z": z, "s": s, "chain": out.chain, "R": R.float(), "sigma": out.sigmas.mean((1, 2, 3, 4)),
@@ -245,7 +245,7 @@ class RFTRun:
             atomic_save({"format": CKPT_FORMAT, "model": model_sd, "optimizer": opt_sd,
                          "scheduler": self.sched.state_dict(), "step": step, "config": to_dict(self.cfg),
                          "config_hash": config_hash(self.cfg), "policy_config": to_dict(self.policy.cfg),
-                         "norm_stats": self.policy.norm_stats(), "metrics": history,
+                         "norm_stats": self.policy.norm_stats(), "flow_tau": self.policy.flow_tau, "metrics": history,
                          "rng": {"cpu": torch.get_rng_state(),
                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}, path)
         du.barrier(self.d)

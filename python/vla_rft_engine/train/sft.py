@@ -183,6 +183,8 @@ def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
     pc.setdefault("enc_version", 1)  # checkpoints from before enc_version existed hold the version-1 encoder
     policy = VLAPolicy(from_dict(PolicyConfig, pc))
     policy.load_state_dict(ck["model"])
+    cfg = ck.get("config") or {}
+    policy.flow_tau = tuple(ck.get("flow_tau") or (cfg.get("tau_alpha", 1.0), cfg.get("tau_beta", 1.5)))
     return policy.to(device).eval()
 
 
@@ -261,7 +263,8 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
     def save(step, metrics):
         atomic_save({"model": policy.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "step": step, "config": to_dict(cfg), "policy_config": to_dict(cfg.policy),
-                     "norm_stats": policy.norm_stats(), "metrics": metrics}, ckpt_path)
+                     "norm_stats": policy.norm_stats(), "flow_tau": (cfg.tau_alpha, cfg.tau_beta), "metrics": metrics},
+                    ckpt_path)
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     metrics: dict = {}

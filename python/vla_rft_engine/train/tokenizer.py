@@ -205,8 +205,9 @@ def _train(cfg: TokenizerTrainConfig) -> dict:
     if cfg.lpips_weight > 0:
         try:
             lp = metrics.load_lpips(cfg.lpips_net, required=True, device=device)
-        except FileNotFoundError as e:
-            print(f"tokenizer: training with MSE + L1 only. {e}")
+        except FileNotFoundError:
+            print("tokenizer: LPIPS weights are not on disk (`vla-rft info` says which files and where): "
+                  "training with MSE + L1 only")
     g = torch.Generator().manual_seed(cfg.seed)
     step = 0
     ck_path = out / "train_state.pt"
