@@ -31,9 +31,6 @@ class RolloutCache:
         self.s0_host: int | None = 0  # host mirror for slicing on eager paths; None under graph capture
         self.mode = "prefill"
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.prefix_k, self.prefix_v, self.suffix_k, self.suffix_v))
-
     def set_prefix_lens(self, lens: torch.Tensor) -> None:
         self.prefix_lens.copy_(lens)
 
@@ -46,11 +43,6 @@ class RolloutCache:
         self.s0 += L  # in place: replays of a captured graph keep advancing
         if self.s0_host is not None:
             self.s0_host += L
-
-    def reset(self) -> None:
-        self.s0.zero_()
-        self.s0_host = 0
-        self.mode = "prefill"
 
     def _write(self, ck, cv, q, k, v, cos, sin, write_pos):
         if self.backend == "triton":

@@ -28,7 +28,8 @@ def test_encoder_runs_once_per_start_state():
     calls = []
     pol.encoder.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
     img, instr, prop = obs(2)
-    z, s, out = pol.rollout(img, instr, prop, num_samples=16, generator=torch.Generator().manual_seed(0))
+    z, s = pol.encode(img, instr, prop), pol.normalize_proprio(prop)  # as rl/rft.py: encode once, then N samples
+    out = pol.sample_sde(z, s, 16, generator=torch.Generator().manual_seed(0))
     assert calls == [2]  # one call, B rows, not B*N
     # v2 (default): the features (z_dim) then the instruction queries' raw x, y points (2 x 4 queries)
     assert out.chain.shape == (2, 16, 11, T, A) and z.shape == (2, 32 + 2 * 4) == (2, pol.encoder.z_dim)
@@ -170,7 +171,9 @@ def test_hf_adapter_loads_and_encodes(tmp_path):
         HFVLMEncoder.from_pretrained(tmp_path / "missing")
     # the policy with encoder=hf: z computed once, head sized to hidden_size
     pol = VLAPolicy(small_cfg(encoder="hf", hf_path=str(path)))
-    z2, s, out = pol.rollout(img, ids, torch.randn(2, P), num_samples=3, generator=torch.Generator().manual_seed(0))
+    prop2 = torch.randn(2, P)
+    z2, s = pol.encode(img, ids, prop2), pol.normalize_proprio(prop2)
+    out = pol.sample_sde(z2, s, 3, generator=torch.Generator().manual_seed(0))
     assert z2.shape == (2, 48) and out.actions.shape == (2, 3, T, A)
 
 

@@ -7,7 +7,7 @@ Segment: [context tokens of frame 0] then per step [dynamics tokens of frame t][
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -185,7 +185,3 @@ class ActionDiscretizer:
             return cls(d["low"], d["high"], d.get("num_bins", 256))
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"action ranges file {path} is corrupt ({e}); re-create it from the dataset") from e
-
-
-def layout_dict(layout: TokenLayout) -> dict:
-    return asdict(layout)

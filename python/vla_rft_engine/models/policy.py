@@ -188,14 +188,6 @@ class VLAPolicy(nn.Module):
         return sde_log_prob(self.velocity, self.sigma, chain, z, s, self.cfg.logprob_reduce, self.cfg.backend)
 
     @torch.no_grad()
-    def rollout(self, image, instruction, proprio, num_samples: int = 16, generator=None):
-        """RFT rollouts from B start states: encode ONCE (B rows), then N SDE samples per state.
-        -> (z (B, Z), s (B, P), SDESample); SDESample.actions are normalised, see unnormalize_actions."""
-        z = self.encode(image, instruction, proprio)
-        s = self.normalize_proprio(proprio.to(z.device))
-        return z, s, self.sample_sde(z, s, num_samples, generator=generator)
-
-    @torch.no_grad()
     def act(self, image, instruction, proprio, num_steps: int | None = None, generator=None) -> torch.Tensor:
         """Raw observation -> unnormalised action chunk (B, T, A) with the deterministic ODE sampler."""
         z = self.encode(image, instruction, proprio)
