@@ -109,7 +109,8 @@ def main(argv=None) -> int:
            "states_per_block": shape["block"], "frames": shape["chunk"], "tokens_per_frame": lay.dynamics_tokens,
            "shared_prompt_tokens": lay.context_tokens + lay.dynamics_tokens, "own_prompt_tokens": lay.action_dim,
            "image_size": shape["image"], "wm_params": wm.num_params(), "wm_dtype": str(wm_dtype).split(".")[-1],
-           "wm_attn_backend": f"{wm.config.attn_backend} -> {resolve_backend(wm.config.attn_backend, dev)}", "lpips": "alex (random backbone)" if not a.no_lpips else "off",
+           "wm_attn_backend": f"{wm.config.attn_backend} -> {resolve_backend(wm.config.attn_backend, dev)}",
+           "lpips": "alex (random backbone)" if not a.no_lpips else "off",
            "repeats": a.repeats, "median_s": {k[5:]: statistics.median(r[k] for r in records) for k in keys},
            "all_s": {k[5:]: [r[k] for r in records] for k in keys}}
     st = rec["median_s"]["step"]

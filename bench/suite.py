@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         rows.append((bench, wall, headline(json.loads(out.read_text())) if ok else f"FAILED: {why}"))
         print(f"[suite] {bench}: {wall:.0f} s", flush=True)
     print(f"\nbench results on {dev} -> {out_dir} (total {time.perf_counter() - t_all:.0f} s)")
-    print(f"| bench | wall s | ratios (same run) |\n|---|---|---|")
+    print("| bench | wall s | ratios (same run) |\n|---|---|---|")
     for bench, wall, txt in rows:
         print(f"| {bench} | {wall:.0f} | {txt} |")
     return 0 if all(not t.startswith("FAILED") for *_, t in rows) else 1

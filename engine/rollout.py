@@ -56,7 +56,8 @@ def _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples, pro
     if row_prompt_ids is not None:
         if not torch.is_tensor(row_prompt_ids) or row_prompt_ids.dim() != 2 or row_prompt_ids.shape[0] != G * num_samples:
             raise ValueError(f"row_prompt_ids must be (batch * num_samples = {G * num_samples}, length), one prompt "
-                             f"end per rollout, got {tuple(row_prompt_ids.shape) if torch.is_tensor(row_prompt_ids) else type(row_prompt_ids)}")
+                             f"end per rollout, got "
+                             f"{tuple(row_prompt_ids.shape) if torch.is_tensor(row_prompt_ids) else type(row_prompt_ids)}")
         wm.check_ids(row_prompt_ids, "row_prompt_ids")
         R = row_prompt_ids.shape[1]
     T, A = action_ids.shape[1] + 1, action_ids.shape[2]

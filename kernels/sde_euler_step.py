@@ -118,7 +118,8 @@ def euler_step_triton(a, v, sigma, eps, delta: float, block_m: int | None = None
     if block_m is None:
         block_m = 64 if a.device.type != "cuda" else max(1, min(64, 4096 // block_d))
     grid = (triton.cdiv(M, block_m),)
-    _kernel()[grid](a2, v2, s2, e2, out, lp, ent, M, D, float(delta), LOG_2PI, HALF_LOG_2PIE, tl.float64 if cd == torch.float64 else tl.float32,
+    acc = tl.float64 if cd == torch.float64 else tl.float32
+    _kernel()[grid](a2, v2, s2, e2, out, lp, ent, M, D, float(delta), LOG_2PI, HALF_LOG_2PIE, acc,
                     BLOCK_M=block_m, BLOCK_D=block_d)
     return out.reshape(a.shape), lp, ent
 

@@ -223,7 +223,8 @@ class Quickstart:
     def artifacts(self, stage: str) -> list[Path]:
         """The files a finished stage leaves (a resume redoes the stage when one is gone)."""
         p = self.paths
-        return {"demos": [p["demos"], p["demos_all"]] + ([p["demos_wm"]] if self.cfg.wm_demos else []), "tokenizer": [p["tokenizer"] / "tokenizer.pt"],
+        return {"demos": [p["demos"], p["demos_all"]] + ([p["demos_wm"]] if self.cfg.wm_demos else []),
+                "tokenizer": [p["tokenizer"] / "tokenizer.pt"],
                 "world_model": [p["world_model"] / "world_model" / "config.json"], "sft": [p["sft"] / "ckpt.pt"],
                 "rft": [p["rft"] / f"seed{s}" / "ckpt.pt" for s in self.cfg.seeds], "evaluate": [p["eval"]],
                 "report": [self.out / "results.json", self.out / "results.md"]}[stage]

@@ -296,7 +296,8 @@ class WorldModel(nn.Module):
         from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps({**self.config.to_hf_dict(), "torch_dtype": str(self.output.weight.dtype).split(".")[-1]}, indent=2))
+        dtype = str(self.output.weight.dtype).split(".")[-1]
+        (path / "config.json").write_text(json.dumps({**self.config.to_hf_dict(), "torch_dtype": dtype}, indent=2))
         tensors = {hf_name(n): p.detach().cpu().contiguous() for n, p in self.state_dict().items()}
         tmp = path / ".model.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
