@@ -7,7 +7,7 @@ from vla_rft_engine import cli
 from vla_rft_engine.config import ConfigError, load_config
 from vla_rft_engine.quickstart import STAGES, QuickstartConfig
 
-TINY = ["num_demos=6", "wm_demos=4", "tokenizer.steps=2", "tokenizer.eval_pairs=4", "world_model.steps=2",
+TINY = ["num_demos=6", "wm_demos=4", "wm_train_demos=4", "tokenizer.steps=2", "tokenizer.eval_pairs=4", "world_model.steps=2",
         "world_model.batch_size=2", "sft.steps=2", "sft.batch_size=8", "rft.grpo.steps=2", "rft.grpo.task_instances=2",
         "rft.grpo.rollouts=2", "rft.states_per_block=2", "eval_episodes=1", "seeds=[0,1,2]",
         "settings=[none,all_major]", "progress=false"]

@@ -7,7 +7,7 @@ Stages (each skipped when already done, each also resumable inside; every stage 
   demos        scripted-expert demos: `num_demos` clean ones (SFT data, RFT start states) and `wm_demos`
                wandering ones (random goals: the world model must see what actions it cannot guess do)
   tokenizer    vla-rft pretrain-tokenizer on all demo frames
-  world_model  vla-rft pretrain-wm on the wandering demos (wm_data=all: on all), tokenized
+  world_model  vla-rft pretrain-wm on `wm_train_demos` episodes whose goal is re-drawn every step, tokenized
   sft          vla-rft sft on the clean demos
   rft          vla-rft rft (R3 reward) from the SFT checkpoint, once per seed
   evaluate     SFT and RFT policies in the real environment (not the world model): standard + perturbed
@@ -79,11 +79,11 @@ class QuickstartConfig:
     expert_noise: float = 0.0
     wm_demos: int = 120                # world-model and tokenizer data only: wandering episodes (below)
     wm_expert_noise: float = 0.2
-    wm_wander_every: int = 1           # > 0: the WM episodes head for a random point re-drawn every k steps, so
+    wm_wander_every: int = 4           # > 0: the WM episodes head for a random point re-drawn every k steps, so
                                        # their actions cannot be guessed from the scene (0: noisy expert)
-    wm_data: str = "wander"            # wander: the world model trains on the wandering episodes only (the clean
-                                       # demos' motion can be guessed from the scene, a shortcut past the actions)
-                                       # | all: clean + wandering
+    wm_train_demos: int = 240          # > 0: the world model trains on this many episodes whose goal is re-drawn
+                                       # every step, so only the action tokens predict the motion (on the clean
+                                       # demos it learns to guess the motion from the scene); 0: on all demos
     data_seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one RFT run + one evaluation episode set each
     settings: list[str] = field(default_factory=lambda: ["none", "object_major", "goal_major", "robot_major",
@@ -122,10 +122,8 @@ class QuickstartConfig:
             raise ConfigError(str(e)) from None
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
-        if self.wm_data not in ("wander", "all"):
-            raise ConfigError(f"wm_data must be wander or all, got {self.wm_data!r}")
-        if self.num_demos < 2 or self.wm_demos < 0 or self.eval_episodes < 1:
-            raise ConfigError("num_demos must be >= 2, wm_demos >= 0 and eval_episodes >= 1")
+        if self.num_demos < 2 or self.wm_demos < 0 or self.wm_train_demos < 0 or self.eval_episodes < 1:
+            raise ConfigError("num_demos must be >= 2, wm_demos and wm_train_demos >= 0, eval_episodes >= 1")
 
 
 # ---- stages -------------------------------------------------------------------------------------
@@ -149,7 +147,7 @@ class Quickstart:
         tok, wm, sft = copy.deepcopy(c.tokenizer), copy.deepcopy(c.world_model), copy.deepcopy(c.sft)
         tok.out_dir, tok.data, tok.device = str(p["tokenizer"]), str(p["demos_all"]), c.device
         tok.model.image_size = c.image_size
-        wm_demos = p["demos_wm"] if c.wm_data == "wander" and c.wm_demos else p["demos_all"]
+        wm_demos = p["demos_wm"] if c.wm_train_demos else p["demos_all"]
         wm.out_dir, wm.demos, wm.tokenizer, wm.segments, wm.device = (str(p["world_model"]), str(wm_demos),
                                                                       str(p["tokenizer"]), "", c.device)
         wm.progress = c.progress
@@ -179,8 +177,9 @@ class Quickstart:
             both = {k: (np.concatenate([v, noisy[k]]) if isinstance(v, np.ndarray) else
                         v + noisy[k] if isinstance(v, list) else v) for k, v in clean.items()}
         save_demos(both, self.paths["demos_all"])
-        if c.wm_demos:
-            save_demos(noisy, self.paths["demos_wm"])
+        if c.wm_train_demos:
+            save_demos(collect_demos(c.task, c.wm_train_demos, seed=c.data_seed + 2, image_size=c.image_size,
+                                     expert_noise=c.wm_expert_noise, wander_every=1), self.paths["demos_wm"])
         return {"clean_episodes": c.num_demos, "world_model_episodes": c.wm_demos,
                 "expert_success": float(np.mean(clean["success"]))}
 
@@ -223,7 +222,7 @@ class Quickstart:
     def artifacts(self, stage: str) -> list[Path]:
         """The files a finished stage leaves (a resume redoes the stage when one is gone)."""
         p = self.paths
-        return {"demos": [p["demos"], p["demos_all"]] + ([p["demos_wm"]] if self.cfg.wm_demos else []),
+        return {"demos": [p["demos"], p["demos_all"]] + ([p["demos_wm"]] if self.cfg.wm_train_demos else []),
                 "tokenizer": [p["tokenizer"] / "tokenizer.pt"],
                 "world_model": [p["world_model"] / "world_model" / "config.json"], "sft": [p["sft"] / "ckpt.pt"],
                 "rft": [p["rft"] / f"seed{s}" / "ckpt.pt" for s in self.cfg.seeds], "evaluate": [p["eval"]],
@@ -270,7 +269,8 @@ class Quickstart:
 
 # `vla-rft quickstart --smoke`: every stage at small sizes in about two minutes on a laptop CPU, to check an
 # install or a change end to end; its numbers mean nothing. key=value overrides still apply on top.
-SMOKE = ["out_dir=runs/quickstart_smoke", "num_demos=12", "wm_demos=8", "tokenizer.steps=20", "tokenizer.eval_pairs=8",
+SMOKE = ["out_dir=runs/quickstart_smoke", "num_demos=12", "wm_demos=8", "wm_train_demos=8",
+         "tokenizer.steps=20", "tokenizer.eval_pairs=8",
          "world_model.steps=40", "world_model.batch_size=4", "sft.steps=40", "rft.grpo.steps=3",
          "rft.grpo.task_instances=2", "rft.grpo.rollouts=4", "rft.states_per_block=2", "eval_episodes=2", "seeds=[0]",
          "settings=[none,all_major]"]

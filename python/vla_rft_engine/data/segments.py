@@ -49,6 +49,10 @@ def build_segments(demos: dict, tok, discretizer: ActionDiscretizer, frames: int
         ids.append(layout.build_segment(ctx.cpu(), dyn.cpu(), bins.cpu()))
     ids = torch.cat(ids)
     mask = segment_loss_mask(layout, frames).expand_as(ids).clone()
+    if len(starts) > 1 and ids[mask].unique().numel() < 2:  # every generated frame token is one code
+        raise ValueError("the tokenizer's dynamics codes collapsed to a single code: every frame would decode from "
+                         "the context frame alone and no world model could show an action's effect. Retrain the "
+                         "tokenizer (another seed or more steps) and check its reconstruction.png")
     from ..models.world import tokenizer_hash
     return {"ids": ids, "loss_mask": mask, "layout": asdict(layout), "action_ranges": discretizer.state_dict(),
             "frames": frames, "tokenizer_sha256": tokenizer_hash(tok),
