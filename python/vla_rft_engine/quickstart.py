@@ -1,6 +1,6 @@
 """`vla-rft quickstart`: the whole method on the built-in task, laptop-sized, resumable.
 
-    vla-rft quickstart                                  # ~12 min on 2 CPU cores, writes runs/quickstart/
+    vla-rft quickstart                                  # ~15 min on 2 CPU cores, writes runs/quickstart/
     vla-rft quickstart rft.grpo.steps=40 seeds=[0,1,2,3] eval_episodes=50
 
 Stages (each skipped when already done, each also resumable inside; every stage is its own subcommand):
@@ -264,6 +264,7 @@ class Quickstart:
             atomic_write_text(self.state_path, json.dumps(state, indent=1, default=str))
             print(f"[quickstart {i + 1}/{len(STAGES)}] {name}: {state['stages'][name]['wall_s']} s", flush=True)
         state["this_run_s"] = round(time.time() - t_all, 1)
+        atomic_write_text(self.state_path, json.dumps(state, indent=1, default=str))
         return state
 
 
