@@ -155,3 +155,15 @@ def test_a_crafted_pickle_runs_no_code_through_any_loader(tmp_path, capsys):
     assert cli(["wm-eval", f"wm={tmp_path}", f"tokenizer={tmp_path / 'tok'}", f"demos={bad}"]) == 2
     _one_line_error(capsys)
     assert not marker.exists()
+
+
+def test_demos_with_a_nan_action_are_refused_at_load_naming_the_episode(tmp_path):
+    import numpy as np
+    from vla_rft_engine.config import BadFileError
+    from vla_rft_engine.data.demos import collect_demos, load_demos, save_demos
+    d = collect_demos("reach", 4, seed=0, image_size=16, max_steps=6)
+    d["actions"] = np.array(d["actions"], dtype=np.float32)
+    d["actions"][2, 3, 1] = np.nan
+    save_demos(d, tmp_path / "demos.pt")
+    with pytest.raises(BadFileError, match=r"actions of episode\(s\) \[2\] hold NaN"):
+        load_demos(tmp_path / "demos.pt")

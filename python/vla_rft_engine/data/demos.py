@@ -89,8 +89,14 @@ def load_demos(path: str | Path) -> dict:
     if blob.get("version") != DEMOS_VERSION:
         raise BadFileError(f"demos file {path} has version {blob.get('version')}, this code reads version "
                            f"{DEMOS_VERSION}; collect the demos again")
-    return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in blob.items()
-            if k not in ("format", "version")}
+    d = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in blob.items() if k not in ("format", "version")}
+    for k in ("actions", "proprio"):  # checked once, here, naming the episodes: not at the first use, hours later
+        v = d.get(k)
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
+            bad = np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(1))
+            raise BadFileError(f"demos file {path}: {k} of episode(s) {bad[:10].tolist()} hold NaN/Inf; drop or "
+                               "re-record those episodes")
+    return d
 
 
 def evaluate_policy(policy_fn: Callable[[dict], np.ndarray], task: str, perturbation: str | None = None,
