@@ -59,7 +59,7 @@ def test_pretrain_wm_resume_is_bit_exact_and_refuses_other_settings(tmp_path, ca
     before = (tmp_path / "b" / "config.yaml").read_text()
     assert cli(["pretrain-wm", *args, f"out_dir={tmp_path / 'b'}", "steps=9", "lr=1e-3"]) == 2
     err = capsys.readouterr().err
-    assert "lr: 0.003 in the checkpoint vs 0.001 now" in err and len(err.strip().splitlines()) == 1
+    assert "lr: 0.003 before vs 0.001 now" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "b" / "config.yaml").read_text() == before  # the record of the run is untouched
 
 

@@ -59,7 +59,7 @@ def test_rerun_resumes_and_redoes_a_missing_stage(run_dir, capsys):
 
 def test_changed_config_is_refused(run_dir, capsys):
     assert cli.main(["quickstart", f"out_dir={run_dir}", *TINY[:-1], "sft.steps=3"]) == 2
-    assert "(keys: sft.steps)" in capsys.readouterr().err
+    assert "(sft.steps: 2 before vs 3 now)" in capsys.readouterr().err
 
 
 def test_bad_input_errors(capsys):

@@ -135,7 +135,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert cli(["sft", f"out_dir={tmp_path}", "steps=2", *TINY]) == 0
     assert cli(["sft", f"out_dir={tmp_path}", "steps=4", *TINY, "policy.d_model=32"]) == 2
     err = capsys.readouterr().err
-    assert "policy.d_model: 16 in the checkpoint vs 32 now" in err and "Traceback" not in err
+    assert "policy.d_model: 16 before vs 32 now" in err and "Traceback" not in err
 
 
 def test_checkpoint_carries_the_flow_tau_law(tmp_path):

@@ -40,15 +40,18 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _valid_keys(obj, prefix: str = "") -> list[str]:
-    keys = []
+def _leaves(obj, prefix: str = ""):
+    """(dotted key, value, owning config, field name) for every non-section field, depth first."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
-            keys += _valid_keys(v, prefix + f.name + ".")
+            yield from _leaves(v, prefix + f.name + ".")
         else:
-            keys.append(prefix + f.name)
-    return keys
+            yield prefix + f.name, v, obj, f.name
+
+
+def _valid_keys(obj) -> list[str]:
+    return [k for k, *_ in _leaves(obj)]
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -63,17 +66,9 @@ def field_docs(cls) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in map(pat.match, src.splitlines()) if m}
 
 
-def describe_keys(cfg, prefix: str = "") -> list[tuple[str, Any, str]]:
+def describe_keys(cfg) -> list[tuple[str, Any, str]]:
     """(dotted key, default, description) for every leaf of a config dataclass."""
-    docs = field_docs(type(cfg))
-    out = []
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out += describe_keys(v, prefix + f.name + ".")
-        else:
-            out.append((prefix + f.name, v, docs.get(f.name, "")))
-    return out
+    return [(k, v, field_docs(type(owner)).get(name, "")) for k, v, owner, name in _leaves(cfg)]
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -196,16 +191,17 @@ RESUME_RUNTIME_KEYS = frozenset({"out_dir", "steps", "stop_at", "log_every", "ck
                                   "progress", "device"})  # may differ between a run and its resume
 
 
-def check_resume_config(saved: dict | None, cfg, out_dir, runtime=RESUME_RUNTIME_KEYS) -> None:
+def check_resume_config(saved: dict | None, cfg, out_dir, runtime=RESUME_RUNTIME_KEYS,
+                        start_over: str = "resume=false") -> None:
     """A resumed run must have the settings it was started with: otherwise a ConfigError naming the keys."""
     if not saved:
         return
     old, new = flat_dict(saved), flat_dict(to_dict(cfg))
     diff = [k for k in sorted(set(old) | set(new)) if k not in runtime and old.get(k) != new.get(k)]
     if diff:
-        show = ", ".join(f"{k}: {old.get(k)!r} in the checkpoint vs {new.get(k)!r} now" for k in diff[:4])
+        show = ", ".join(f"{k}: {old.get(k)!r} before vs {new.get(k)!r} now" for k in diff[:4])
         raise ConfigError(f"{out_dir} holds a run with other settings ({show}{', ...' if len(diff) > 4 else ''}); "
-                          "pass the same settings to resume, or use another out_dir (or resume=false to start over)")
+                          f"pass the same settings to resume, or use another out_dir ({start_over} to start over)")
 
 
 def save_config(cfg, path: str | Path) -> None:

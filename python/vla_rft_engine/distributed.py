@@ -7,6 +7,7 @@ with the same mean); checkpoints always hold full (unsharded) state dicts writte
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,19 @@ def shutdown(d: Dist) -> None:
     if d.owns_group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str, out_dir, d: Dist | None = None):
+    """A training command's process plumbing: join the group (or use `d`), lock `out_dir` on rank 0 (one writer
+    per run directory), leave the group at the end."""
+    from .utils import RunDirLock
+    d = d or init(device)
+    try:
+        with RunDirLock(out_dir) if d.is_main else contextlib.nullcontext():
+            yield d
+    finally:
+        shutdown(d)
 
 
 def stream_seed(*parts: int) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import parse_command
-from .config import ConfigError, flat_dict, save_config, to_dict
+from .config import ConfigError, check_resume_config, flat_dict, save_config, to_dict
 from .rl.rft import RFTConfig
 from .train.sft import SFTConfig
 from .train.tokenizer import TokenizerTrainConfig
@@ -228,13 +228,6 @@ class Quickstart:
                 "rft": [p["rft"] / f"seed{s}" / "ckpt.pt" for s in self.cfg.seeds], "evaluate": [p["eval"]],
                 "report": [self.out / "results.json", self.out / "results.md"]}[stage]
 
-    def _check_resume(self, state: dict) -> None:
-        old, new = flat_dict(state.get("config", {})), flat_dict(to_dict(self.cfg))
-        diff = [k for k in sorted(set(old) | set(new)) if k not in RUNTIME_KEYS and old.get(k) != new.get(k)]
-        if old and diff:
-            raise ConfigError(f"{self.out} holds a quickstart run with a different config (keys: {', '.join(diff)}); "
-                              "use another out_dir, or delete the directory to start over")
-
     def run(self) -> dict:
         with RunDirLock(self.out):  # one quickstart per out_dir (each stage also locks its own folder)
             return self._run()
@@ -242,7 +235,7 @@ class Quickstart:
     def _run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
-        self._check_resume(state)
+        check_resume_config(state.get("config"), self.cfg, self.out, RUNTIME_KEYS, "or delete the directory")
         state["config"] = to_dict(self.cfg)
         state.setdefault("stages", {})
         save_config(self.cfg, self.out / "quickstart.yaml")

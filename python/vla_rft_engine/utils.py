@@ -112,7 +112,7 @@ def _json_number(v) -> float | None:
 def check_finite_step(what: str, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
     """Stop a trainer at its first non-finite loss or gradient norm, before the optimizer applies it (so every
     saved checkpoint is finite). One host sync per step."""
-    if not bool(torch.isfinite(grad_norm)) or not bool(torch.isfinite(loss)):
+    if not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):  # one host sync
         from .config import Diverged
         raise Diverged(f"{what} diverged at step {step}: loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}; "
                        f"this step was not applied and the last checkpoint is finite. Lower lr (now {lr:g}) and "

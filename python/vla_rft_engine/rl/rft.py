@@ -25,7 +25,6 @@ the update then differs only by float reduction order (the tests use rtol 1e-4).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -40,7 +39,7 @@ import torch.nn as nn
 from ..cli import parse_command
 from ..config import ConfigError, Diverged, UserError, save_config, to_dict
 from ..metrics import spearman
-from ..utils import RunDirLock, RunLogger, atomic_save, load_checkpoint, nvtx_range
+from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range
 from .. import distributed as du
 from .grpo import approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
 from .rewards import verified_reward
@@ -294,12 +293,8 @@ def build(cfg: RFTConfig, d: du.Dist) -> RFTRun:
 
 
 def train(cfg: RFTConfig, run: RFTRun | None = None) -> dict:
-    d = du.init(cfg.device) if run is None else run.d
-    try:
-        with RunDirLock(cfg.out_dir) if d.is_main else contextlib.nullcontext():
-            return _train(cfg, d, run)
-    finally:
-        du.shutdown(d)
+    with du.session(cfg.device, cfg.out_dir, None if run is None else run.d) as d:
+        return _train(cfg, d, run)
 
 
 def _train(cfg: RFTConfig, d: du.Dist, run: RFTRun | None) -> dict:

@@ -14,7 +14,6 @@ action/proprio normalisation statistics (load_policy reads it back).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .. import distributed as du
 from ..cli import parse_command
 from ..config import ConfigError, check_resume_config, from_dict, save_config, to_dict
 from ..models.policy import PolicyConfig, VLAPolicy
-from ..utils import (RunDirLock, RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint,
+from ..utils import (RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint,
                      resolve_device, seed_everything)
 
 
@@ -204,12 +203,8 @@ class _FlowLoss(torch.nn.Module):
 def train(cfg: SFTConfig) -> dict:
     """Train (or resume). Under `torchrun --nproc_per_node=K` (DDP, gloo on CPUs): every rank draws the same
     global batch and trains on its 1/K share, so K ranks take the same steps as one process."""
-    d = du.init(resolve_device(cfg.device).type)
-    try:
-        with RunDirLock(cfg.out_dir) if d.is_main else contextlib.nullcontext():
-            return _train(cfg, d)
-    finally:
-        du.shutdown(d)
+    with du.session(resolve_device(cfg.device).type, cfg.out_dir) as d:
+        return _train(cfg, d)
 
 
 def _train(cfg: SFTConfig, d: du.Dist) -> dict:

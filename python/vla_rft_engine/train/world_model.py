@@ -15,7 +15,6 @@ global target weight, so K ranks take the same steps as one process with the sam
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..config import ConfigError, check_resume_config, save_config, to_dict
 from ..data.segments import load_segments
 from ..layout import ActionDiscretizer, TokenLayout
 from ..models.world_model import WorldModel, WorldModelConfig, init_weights
-from ..utils import RunDirLock, RunLogger, atomic_save, check_finite_step, load_checkpoint, resolve_device, seed_everything
+from ..utils import RunLogger, atomic_save, check_finite_step, load_checkpoint, resolve_device, seed_everything
 
 
 @dataclass
@@ -175,12 +174,8 @@ def main(argv: list[str]) -> int:
 def train(cfg: WMTrainConfig) -> dict:
     """Train (or resume) and write out_dir/world_model. -> {"step", "loss", "world_model"}."""
     cfg.validate()
-    d = du.init(resolve_device(cfg.device).type)
-    try:
-        with RunDirLock(cfg.out_dir) if d.is_main else contextlib.nullcontext():
-            return _train(cfg, d)
-    finally:
-        du.shutdown(d)
+    with du.session(resolve_device(cfg.device).type, cfg.out_dir) as d:
+        return _train(cfg, d)
 
 
 def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
