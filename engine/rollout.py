@@ -14,6 +14,11 @@ sampled action chunk gets its own rollout); action t is appended after generated
 Returns frame tokens (G*N, T, F) (samples of one prompt adjacent), and log-probs (G*N, T, F) when asked.
 Frame tokens are sampled only among dynamics codes [0, cfg.num_codes); other logits are masked.
 
+Action guidance (guidance = w > 0; classifier-free guidance over the actions): each rollout also runs an
+unconditional twin whose action tokens are `uncond_row_prompt_ids` / `uncond_action_ids` (the null action id,
+for a model trained with action dropout). The twins share the group's prefix and every sampled token; tokens
+are drawn from (1 + w) * logits_cond - w * logits_uncond, which amplifies what the actions change. 2x rows.
+
 Per frame: F-1 single-token decode steps, then one (1 + A)-token step feeding the frame's last token
 and the next action together. The loop never reads device values on the host; on CUDA the single-token
 step runs as a captured CUDA graph. The LM head is evaluated over the dynamics-code rows only.
@@ -67,6 +72,25 @@ def _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples, pro
         raise ValueError(f"prompt ({P} + {R} tokens) + rollout ({T} frames x {tokens_per_frame} + {T - 1} actions x {A} = {S}) "
                          f"= {P + S} tokens exceeds the cache/positions limit {limit}; shorten the prompt or the rollout")
     return G, P, T, A, S, lens, valid
+
+
+def _with_twins(wm, G, N, acts, row_prompt_ids, uncond_acts, uncond_row):
+    """(G*N, ...) conditional rows + their unconditional twins -> (G*2N, ...), each group's N then its N twins."""
+    if row_prompt_ids is None or uncond_row is None or uncond_acts is None:
+        raise ValueError("guidance > 0 needs row_prompt_ids (the rows' own first action), uncond_row_prompt_ids and "
+                         "uncond_action_ids (the same with null action ids)")
+    uncond_acts = uncond_acts.to(acts.device)
+    if uncond_acts.shape[0] == G and N > 1:
+        uncond_acts = uncond_acts.repeat_interleave(N, 0)
+    if uncond_acts.shape != acts.shape or uncond_row.shape != row_prompt_ids.shape:
+        raise ValueError(f"uncond_action_ids {tuple(uncond_acts.shape)} / uncond_row_prompt_ids {tuple(uncond_row.shape)} "
+                         f"must match action_ids {tuple(acts.shape)} / row_prompt_ids {tuple(row_prompt_ids.shape)}")
+    wm.check_ids(uncond_acts, "uncond_action_ids")
+    wm.check_ids(uncond_row, "uncond_row_prompt_ids")
+
+    def twin(c, u):
+        return torch.stack([c.view(G, N, *c.shape[1:]), u.to(c.device).view(G, N, *u.shape[1:])], 1).flatten(0, 2)
+    return twin(acts, uncond_acts), twin(row_prompt_ids, uncond_row)
 
 
 def _sampler(backend, device, logprob: bool):
@@ -145,10 +169,13 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
             top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None, return_logprobs: bool = False,
             prompt_lengths=None, use_cuda_graph: bool | None = None, max_seq_len: int | None = None,
             backend: str | None = None, cpu_fast: bool | None = None, timings: dict | None = None,
-            row_prompt_ids: torch.Tensor | None = None):
+            row_prompt_ids: torch.Tensor | None = None, guidance: float = 0.0,
+            uncond_row_prompt_ids: torch.Tensor | None = None, uncond_action_ids: torch.Tensor | None = None):
     """See the module docstring. `timings` (a dict) receives seconds per phase: prefill_s, sample_s (noise +
     sampling), decode_s (single-token steps), action_s (frame-end + action steps), setup_s."""
     cfg = wm.config
+    if not guidance >= 0:
+        raise ValueError(f"guidance must be >= 0 (0 = off), got {guidance}")
     if not temperature >= 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"sampling settings out of range: temperature {temperature} (>= 0; 0 = greedy), top_k {top_k} "
                          f"(>= 0; 0 = off), top_p {top_p} (in (0, 1]; 1 = off)")
@@ -164,7 +191,11 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
     acts = action_ids.to(dev)
     if acts.shape[0] == G and N > 1:
         acts = acts.repeat_interleave(N, 0)
-    cache = RolloutCache(cfg, G, N, P, S, dtype, dev, backend)
+    guided = guidance > 0
+    if guided:  # rows per group: N conditional, then their N unconditional twins
+        acts, row_prompt_ids = _with_twins(wm, G, N, acts, row_prompt_ids, uncond_action_ids, uncond_row_prompt_ids)
+    NR = 2 * N if guided else N  # rows per group in the cache
+    cache = RolloutCache(cfg, G, NR, P, S, dtype, dev, backend)
     cache.set_prefix_lens(lens_d)
     sample = _sampler(backend, dev, return_logprobs)
     tokens = torch.empty((B, T, F), dtype=torch.int64, device=dev)
@@ -186,7 +217,7 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
         cpu_fast = dev.type == "cpu" and backend in ("eager", "sdpa")
     if cpu_fast:
         from .cpu_decode import CpuDecoder
-        step = CpuDecoder(wm, cache, G, N, lens)
+        step = CpuDecoder(wm, cache, G, NR, lens)
     else:
         step = _Stepper(wm, cache, use_cuda_graph)
     greedy = temperature == 0
@@ -204,12 +235,17 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
                 noise = None
                 if not greedy:  # same generator stream as a fresh draw per step
                     noise = gumbel_noise((B, cfg.num_codes), generator=generator, device=dev, out=noise_buf)
+                if guided:
+                    lc, lu = logits.view(G, 2, N, -1).unbind(1)
+                    logits = torch.lerp(lu, lc, 1.0 + guidance).reshape(B, -1)  # lc + w (lc - lu)
                 finite &= torch.isfinite(logits).all()  # a device flag: no host sync inside the loop
                 tok, lp = sample(logits, noise, temperature, top_k, top_p)
                 tokens[:, t, f] = tok
                 if logps is not None:
                     logps[:, t, f] = lp
                 clock.lap("sample_s")
+                if guided:  # both twins continue from the same token
+                    tok = tok.view(G, 1, N).expand(G, 2, N).reshape(-1)
                 if f < F - 1:
                     logits = step(tok[:, None])
                     clock.lap("decode_s")

@@ -136,3 +136,35 @@ def test_segments_and_wm_eval_end_to_end(tmp_path):
                     f"out_dir={tmp_path / 'ev2'}", "frames=3", "device=cpu"]) == 0
     blind = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
     assert blind["own_vs_swapped_mean_abs"] == 0 and blind["moving_l1_ratio"] == pytest.approx(1.0)
+
+
+def test_action_dropout_replaces_exactly_the_dropped_rows_action_tokens():
+    from vla_rft_engine.train.world_model import drop_actions
+    lay = TokenLayout(context_tokens=8, dynamics_tokens=4)
+    ids, _ = _synthetic_ids(lay)
+    drop = torch.tensor([True, False, True] + [False] * (ids.shape[0] - 3))
+    out = drop_actions(ids, lay, drop)
+    is_action = torch.zeros(ids.shape[1], dtype=torch.bool)
+    is_action[12:19], is_action[23:30] = True, True  # ctx 8 + dyn 4, then 7 action tokens; again after frame 2
+    assert (out[drop][:, is_action] == lay.null_action_id).all()
+    assert torch.equal(out[drop][:, ~is_action], ids[drop][:, ~is_action]) and torch.equal(out[~drop], ids[~drop])
+    assert lay.null_action_id not in ids and lay.null_action_id < lay.vocab_size
+
+
+def _synthetic_ids(lay, n=8):
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, 4375, (n, 8), generator=g)
+    return lay.build_segment(ctx, torch.randint(0, 4375, (n, 3, 4), generator=g),
+                             torch.randint(0, 256, (n, 2, 7), generator=g)), ctx
+
+
+def test_pretrain_wm_cosine_schedule_and_action_dropout_run(tmp_path):
+    import math
+    from vla_rft_engine.train.world_model import main
+    _synthetic(tmp_path / "seg.pt")
+    args = [f"segments={tmp_path / 'seg.pt'}", f"out_dir={tmp_path / 'run'}", "preset=tiny", "batch_size=8", "lr=3e-3",
+            "log_every=5", "device=cpu", "steps=20", "schedule=cosine", "warmup=5", "min_lr=1e-4", "action_dropout=0.5"]
+    assert main(args) == 0
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]  # lr of the step each record closes
+    want = [3e-3] + [1e-4 + 0.5 * (3e-3 - 1e-4) * (1 + math.cos(math.pi * (s - 1 - 5) / 15)) for s in (10, 15, 20)]
+    assert lrs == pytest.approx(want, rel=1e-6)

@@ -113,3 +113,45 @@ def test_bad_inputs_name_the_argument(world_dir):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         w.imagine(start, bad)
+
+
+def test_imagine_with_action_guidance_is_the_engine_guided_rollout(world_dir):
+    """guidance=w: the unconditional twin's action tokens are the layout's null action id."""
+    _, w = world_dir
+    start, acts = _inputs()
+    B, N = acts.shape[:2]
+    lay = w.layout
+    frames, toks = w.imagine(start, acts, temperature=0, return_tokens=True, guidance=2.0)
+    ctx, dyn0 = w.tokenizer.encode_clip(start[:, None])
+    bins = lay.bins_to_vocab(w.discretizer.encode(acts)).flatten(0, 1)
+    null = torch.full_like(bins, lay.null_action_id)
+    shared = torch.cat([lay.context_to_vocab(ctx), lay.dynamics_to_vocab(dyn0[:, 0])], 1)
+    ids = w.world_model.rollout(shared, bins[:, 1:], tokens_per_frame=lay.dynamics_tokens, num_samples=N,
+                                temperature=0, row_prompt_ids=bins[:, 0], guidance=2.0,
+                                uncond_row_prompt_ids=null[:, 0], uncond_action_ids=null[:, 1:])
+    assert torch.equal(toks.flatten(0, 1), lay.vocab_to_dynamics(ids))
+    assert not torch.equal(toks, w.imagine(start, acts, temperature=0, return_tokens=True)[1])
+
+
+def test_reward_response_by_scale():
+    """R3 of perturbed chunks against the unperturbed chunk's rollout: 0 when nothing is perturbed (greedy),
+    below 0 once the chunks differ; the ranking statistic is a Spearman correlation."""
+    from vla_rft_engine.train.wm_eval import reward_response
+    w = _world()
+    start, acts = _inputs(B=3, N=1)
+    out = reward_response(w, start, acts[:, 0], scales=[1e-9, 0.5], chunks=3)
+    assert out["reward_by_scale"]["1e-09"] == 0.0  # every chunk tokenizes to the reference's bins
+    assert out["reward_by_scale"]["0.5"] < 0.0
+    assert -1.0 <= out["spearman_by_scale"]["0.5"] <= 1.0
+
+
+def test_guidance_refused_for_a_world_model_trained_without_action_dropout(tmp_path):
+    w = _world()
+    w.action_dropout = 0.0
+    w.save(tmp_path)
+    loaded = LearnedWorld.load(tmp_path)
+    assert loaded.action_dropout == 0.0
+    start, acts = _inputs()
+    with pytest.raises(ValueError, match="trained with action_dropout > 0"):
+        loaded.imagine(start, acts, temperature=0, guidance=1.0)
+    loaded.imagine(start, acts, temperature=0)  # plain rollouts are fine

@@ -48,6 +48,12 @@ class TokenLayout:
         return self.eos_id
 
     @property
+    def null_action_id(self) -> int:
+        """Stands in for every action token of a sequence trained without its actions (action dropout) and of the
+        unconditional rows of an action-guided rollout; the pad id, which the data never holds."""
+        return self.pad_id
+
+    @property
     def vocab_size(self) -> int:
         return self.eos_id + 1
 

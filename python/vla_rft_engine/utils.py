@@ -169,3 +169,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+
+
+def warmup_cosine_lr(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from lr down to min_lr at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, p)))

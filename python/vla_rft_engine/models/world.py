@@ -38,10 +38,13 @@ def tokenizer_hash(tok) -> str:
     return h.hexdigest()[:16]
 
 
-def world_manifest(tok, disc: ActionDiscretizer) -> dict:
+def world_manifest(tok, disc: ActionDiscretizer, action_dropout: float | None = None) -> dict:
     from ..config import to_dict
-    return {"format": FORMAT, "layout": asdict(tok.layout), "tokenizer_config": to_dict(tok.cfg),
-            "tokenizer_sha256": tokenizer_hash(tok), "action_ranges": disc.state_dict()}
+    man = {"format": FORMAT, "layout": asdict(tok.layout), "tokenizer_config": to_dict(tok.cfg),
+           "tokenizer_sha256": tokenizer_hash(tok), "action_ranges": disc.state_dict()}
+    if action_dropout is not None:  # > 0: the null action id was trained, so action guidance means something
+        man["action_dropout"] = action_dropout
+    return man
 
 
 def check_pairing(wm_cfg, layout: TokenLayout, disc: ActionDiscretizer, where: str = "") -> None:
@@ -57,9 +60,10 @@ def check_pairing(wm_cfg, layout: TokenLayout, disc: ActionDiscretizer, where: s
 
 
 class LearnedWorld:
-    def __init__(self, tokenizer, world_model, discretizer: ActionDiscretizer):
+    def __init__(self, tokenizer, world_model, discretizer: ActionDiscretizer, action_dropout: float | None = None):
         check_pairing(world_model.config, tokenizer.layout, discretizer)
         self.tokenizer, self.world_model, self.discretizer = tokenizer, world_model, discretizer
+        self.action_dropout = action_dropout  # from the manifest; None: not recorded
 
     @property
     def layout(self) -> TokenLayout:
@@ -76,7 +80,7 @@ class LearnedWorld:
     # ---- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         self.world_model.save_pretrained(path)
-        save_world_dir(path, self.tokenizer, self.discretizer)
+        save_world_dir(path, self.tokenizer, self.discretizer, self.action_dropout)
 
     @classmethod
     def load(cls, path: str | Path, tokenizer: str | Path | None = None,
@@ -112,7 +116,7 @@ class LearnedWorld:
         for p in wm.parameters():  # the learned world is frozen wherever it is used (Stage II, evaluation)
             p.requires_grad_(False)
         check_pairing(wm.config, tok.layout, disc, str(path))
-        return cls(tok, wm.eval(), disc)
+        return cls(tok, wm.eval(), disc, (man or {}).get("action_dropout"))
 
     # ---- the one rollout path ---------------------------------------------------------------------
     def _check_start(self, start: torch.Tensor) -> None:
@@ -134,12 +138,13 @@ class LearnedWorld:
     @torch.no_grad()
     def imagine(self, start: torch.Tensor, actions: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-                return_tokens: bool = False, timings: dict | None = None):
+                return_tokens: bool = False, timings: dict | None = None, guidance: float = 0.0):
         """Roll the world model out from start frames (B, 3, H, W) in [0, 1] under raw actions.
 
         actions (B, N, T, A): one chunk per rollout; (B, T, A): one chunk for `num_samples` rollouts each.
         a_t is the action taken at frame t (a_0 at the start frame). Returns the predicted frames
         o_1..o_T as (B, N, T, 3, H, W) in [0, 1] (and the dynamics code ids (B, N, T, n) with return_tokens).
+        guidance > 0: action guidance (engine/rollout.py), for a world model trained with action_dropout.
         """
         self._check_start(start)
         B = start.shape[0]
@@ -154,10 +159,19 @@ class LearnedWorld:
         shared = torch.cat([lay.context_to_vocab(ctx), lay.dynamics_to_vocab(dyn0)], 1)  # ctx + dyn0, once per group
         ids = self.world_model.rollout(shared, bins[:, 1:], tokens_per_frame=lay.dynamics_tokens, num_samples=N,
                                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                                       row_prompt_ids=bins[:, 0], timings=timings)
+                                       row_prompt_ids=bins[:, 0], timings=timings, **self._guide(guidance, bins))
         dyn = lay.vocab_to_dynamics(ids).view(B, N * T, -1)
         frames = self.tokenizer.decode(ctx, dyn).view(B, N, T, *start.shape[1:])  # one context decode per group
         return (frames, dyn.view(B, N, T, -1)) if return_tokens else frames
+
+    def _guide(self, guidance: float, bins: torch.Tensor) -> dict:
+        if not guidance:
+            return {}
+        if self.action_dropout == 0:
+            raise ValueError("action guidance needs a world model trained with action_dropout > 0 (this one was "
+                             "trained without: its null action token is untrained); retrain it or set guidance to 0")
+        null = torch.full_like(bins, self.layout.null_action_id)
+        return {"guidance": guidance, "uncond_row_prompt_ids": null[:, 0], "uncond_action_ids": null[:, 1:]}
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -192,12 +206,12 @@ def _check_manifest(man: dict, tok, disc: ActionDiscretizer, path: Path, tok_pat
                          "drop action_ranges= to use the world directory's own")
 
 
-def save_world_dir(path: str | Path, tok, disc: ActionDiscretizer) -> None:
+def save_world_dir(path: str | Path, tok, disc: ActionDiscretizer, action_dropout: float | None = None) -> None:
     """Complete a world directory beside a saved HF world model: action ranges, tokenizer copy, manifest."""
     path = Path(path)
     disc.save(path / "action_ranges.json")
     tok.save(path / "tokenizer")
-    atomic_write_text(path / MANIFEST, json.dumps(world_manifest(tok, disc), indent=1))
+    atomic_write_text(path / MANIFEST, json.dumps(world_manifest(tok, disc, action_dropout), indent=1))
 
 
 __all__ = ["LearnedWorld", "tokenizer_hash", "world_manifest", "check_pairing", "save_world_dir", "MANIFEST"]

@@ -243,8 +243,9 @@ class WorldModel(nn.Module):
     def rollout(self, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples: int = 1, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = 0, generator=None, return_logprobs: bool = False, prompt_lengths=None,
                 use_cuda_graph: bool | None = None, max_seq_len: int | None = None, cpu_fast: bool | None = None,
-                row_prompt_ids=None, timings: dict | None = None):
-        """Interactive rollout; see `vla_rft_engine.engine.rollout.rollout` for the full contract.
+                row_prompt_ids=None, timings: dict | None = None, **guidance):
+        """Interactive rollout; see `vla_rft_engine.engine.rollout.rollout` for the full contract (`guidance`:
+        guidance=, uncond_row_prompt_ids=, uncond_action_ids=).
 
         Generated frame tokens are restricted to dynamics codes [0, config.num_codes): all other logits are
         masked before sampling, so every output id decodes as a frame token.
@@ -253,7 +254,8 @@ class WorldModel(nn.Module):
         return rollout(self, prompt_ids, action_ids, tokens_per_frame=tokens_per_frame, num_samples=num_samples,
                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                        return_logprobs=return_logprobs, prompt_lengths=prompt_lengths, use_cuda_graph=use_cuda_graph,
-                       max_seq_len=max_seq_len, cpu_fast=cpu_fast, row_prompt_ids=row_prompt_ids, timings=timings)
+                       max_seq_len=max_seq_len, cpu_fast=cpu_fast, row_prompt_ids=row_prompt_ids, timings=timings,
+                       **guidance)
 
     # --- Hugging Face checkpoints ---
     @classmethod

@@ -139,7 +139,7 @@ class RFTRun:
             with self.phase("wm_rollout", timings):  # policy chunks, M re-samples of chunk 0, the reference last
                 chunks = torch.cat([actions, actions[:, :1].expand(k, M, *actions.shape[2:]), ref[:, None]], 1)
                 frames = self.world.imagine(img, chunks, temperature=cfg.wm_temperature, top_p=cfg.wm_top_p,
-                                            top_k=cfg.wm_top_k, generator=gen).float()
+                                            top_k=cfg.wm_top_k, generator=gen, guidance=cfg.wm_guidance).float()
         with self.phase("reward", timings):
             R, R_noise = self._reward(step, pool_idx, actions, ref, frames, b)
         E, (C, A) = cfg.grpo.ppo_epochs, pol.chunk_shape

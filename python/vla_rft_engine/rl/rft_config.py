@@ -30,6 +30,8 @@ class RFTConfig:
     wm_temperature: float = 1.0    # release
     wm_top_p: float = 0.8          # release
     wm_top_k: int = 0              # release: off
+    wm_guidance: float = 0.0       # > 0: action guidance (engine/rollout.py; a world model trained with
+                                   # action_dropout); 0: the paper's plain conditional rollout
     wm_dtype: str = "auto"         # auto: bf16 on CUDA, fp32 on the CPU
     wm_attn_backend: str = ""      # "" = the model's default (auto: triton on CUDA, the CPU decode path on CPU)
     noise_rows: int = 2            # extra rollouts re-sampling chunk 0: the reward std they show is world-model
@@ -62,6 +64,8 @@ class RFTConfig:
             raise ConfigError(f"wm_dtype must be auto/fp32/bf16/fp16, got {self.wm_dtype!r}")
         if self.distributed not in du.WRAPS:
             raise ConfigError(f"distributed must be one of {du.WRAPS}, got {self.distributed!r}")
+        if not self.wm_guidance >= 0:
+            raise ConfigError(f"wm_guidance must be >= 0 (0 = off), got {self.wm_guidance}")
         if not 0 < self.wm_top_p <= 1 or self.wm_temperature < 0:
             raise ConfigError("wm_top_p must be in (0, 1] and wm_temperature >= 0")
 

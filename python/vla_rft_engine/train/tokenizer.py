@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import metrics
 from ..config import check_resume_config, save_config, to_dict
 from ..models.tokenizer import TokenizerConfig, VisualTokenizer
-from ..utils import (RunDirLock, RunLogger, atomic_save, check_finite_step, load_checkpoint, nvtx_range,
+from ..utils import (RunDirLock, warmup_cosine_lr, RunLogger, atomic_save, check_finite_step, load_checkpoint, nvtx_range,
                      resolve_device, seed_everything)
 from ..viz import save_frame_grid
 
@@ -168,10 +168,7 @@ def evaluate(tok: VisualTokenizer, frames, eps, n_pairs: int, max_off: int, lp=N
 
 # ------------------------------------------------------------------------------------------------ train
 def lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
+    return warmup_cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
 
 
 def motion_weights(ctx: torch.Tensor, frames: torch.Tensor, weight: float) -> torch.Tensor:

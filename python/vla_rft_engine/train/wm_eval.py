@@ -4,6 +4,12 @@ For each episode the LearnedWorld (models/world.py) imagines `frames` frames fro
 actions a_0.. (greedy by default); they are compared with the real frames o_1..o_T: MSE, PSNR, SSIM, L1, and
 LPIPS when its backbone weights are on disk.
 
+Reward response (R3 signal): the same start frames rolled out under the episode's chunk plus Gaussian noise at
+several scales, K chunks per scale: the mean R3 (the L1 term of Eq. 11 against the unperturbed chunk's rollout)
+per scale, and the Spearman correlation between R3 and minus the chunk's L1 distance among the K chunks of one
+scale, as RFT ranks a group. A world model whose reward ranks chunks shows R3 falling and rho > 0 at the scales
+a policy's group spans.
+
 Action swap: the same start frames rolled out under ANOTHER episode's actions (episode e takes e-1's). A world
 model that simulates actions is closer to the real frames under the true actions, most of all on the pixels
 that move (the gripper, pushed objects): `moving_l1` is the L1 over pixels where the real frame differs from
@@ -13,7 +19,7 @@ o_0. An action-blind model has `moving_l1_own == moving_l1_swapped` (ratio 1). W
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +41,10 @@ class WMEvalConfig:
     top_p: float = 1.0
     seed: int = 0
     swap: bool = True  # also roll out under another episode's actions (action-sensitivity)
+    guidance: float = 0.0  # action guidance scale (engine/rollout.py); needs a world model trained with action_dropout
     strip_episodes: int = 4
+    response_scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])  # raw action units
+    response_chunks: int = 8  # chunks per scale and episode for the reward response (0: skip it)
     device: str = "auto"
 
     def validate(self) -> None:
@@ -44,11 +53,14 @@ class WMEvalConfig:
                 raise ConfigError(f"wm-eval needs {k}=<path>")
         if self.frames < 1 or self.episodes < 1:
             raise ConfigError("frames and episodes must be >= 1")
+        if self.response_chunks == 1 or self.response_chunks < 0 or any(not s > 0 for s in self.response_scales):
+            raise ConfigError("response_chunks must be 0 (off) or >= 2 (a ranking needs two chunks) and every "
+                              "response_scales value > 0")
 
 
 @torch.no_grad()
 def evaluate_world(world, video: torch.Tensor, actions: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int = 0, swap: bool = True, lpips_model=None) -> tuple[dict, dict]:
+                   seed: int = 0, swap: bool = True, lpips_model=None, guidance: float = 0.0) -> tuple[dict, dict]:
     """video (E, T+1, H, W, 3) uint8, actions (E, T, A) raw -> (metrics, {"real", "own", "swapped"} frames)."""
     from .. import metrics as M
     dev = world.world_model.output.weight.device
@@ -62,8 +74,8 @@ def evaluate_world(world, video: torch.Tensor, actions: torch.Tensor, temperatur
     # episode e under its own actions and under episode e-1's: two rollouts of one group, one engine call
     acts = torch.stack([actions, actions.roll(1, 0)][:len(names)], 1).to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    preds = world.imagine(start, acts, temperature=temperature, top_p=top_p, generator=gen).float()
-    res: dict = {"episodes": E, "frames": T, "temperature": temperature,
+    preds = world.imagine(start, acts, temperature=temperature, top_p=top_p, generator=gen, guidance=guidance).float()
+    res: dict = {"episodes": E, "frames": T, "temperature": temperature, "guidance": guidance,
                  "moving_pixel_fraction": float(moving.float().mean())}
     out = {"real": real}
     for i, name in enumerate(names):
@@ -84,6 +96,27 @@ def evaluate_world(world, video: torch.Tensor, actions: torch.Tensor, temperatur
     return res, out
 
 
+@torch.no_grad()
+def reward_response(world, start: torch.Tensor, actions: torch.Tensor, scales, chunks: int = 8, seed: int = 0,
+                    temperature: float = 0.0) -> dict:
+    """start (E, 3, H, W), actions (E, T, A) raw -> {"reward_by_scale", "spearman_by_scale"} (see the module doc)."""
+    from ..metrics import spearman
+    dev = world.world_model.output.weight.device
+    E, T, A = actions.shape
+    low, high = world.discretizer.low.float().to(dev), world.discretizer.high.float().to(dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    ref = actions.to(dev)
+    noise = torch.randn(E, len(scales), chunks, T, A, generator=g, device=dev)
+    scale = torch.tensor(scales, dtype=torch.float32, device=dev).view(1, -1, 1, 1, 1)
+    pert = torch.minimum(torch.maximum(ref[:, None, None] + scale * noise, low), high).flatten(1, 2)
+    frames = world.imagine(start, torch.cat([pert, ref[:, None]], 1), temperature=temperature, generator=g).float()
+    R = -(frames[:, :-1] - frames[:, -1:]).abs().mean((2, 3, 4, 5)).view(E, len(scales), chunks)
+    dist = (pert - ref[:, None]).abs().sum((2, 3)).view(E, len(scales), chunks)
+    rho = [spearman(R[:, i], -dist[:, i]) for i in range(len(scales))]
+    return {"reward_by_scale": {str(s): float(R[:, i].mean()) for i, s in enumerate(scales)},
+            "spearman_by_scale": {str(s): float(r.nanmean()) for s, r in zip(scales, rho)}}
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_command("wm-eval", WMEvalConfig, argv)
     if cfg is None:
@@ -102,7 +135,11 @@ def main(argv: list[str]) -> int:
     T = min(cfg.frames, video.shape[1] - 1)
     acts = torch.as_tensor(demos["actions"]).float()[:cfg.episodes, :T]
     res, frames = evaluate_world(world, video[:, :T + 1], acts, cfg.temperature, cfg.top_p, cfg.seed, cfg.swap,
-                                 metrics.load_lpips(device=dev))
+                                 metrics.load_lpips(device=dev), cfg.guidance)
+    if cfg.response_chunks > 0 and cfg.response_scales:
+        clip = video[:, 0].permute(0, 3, 1, 2).float().div(255).to(dev)
+        res["reward_response"] = reward_response(world, clip, acts, cfg.response_scales, cfg.response_chunks,
+                                                 cfg.seed, cfg.temperature)
     outd = Path(cfg.out_dir)
     outd.mkdir(parents=True, exist_ok=True)
     rows, labels = [], []

@@ -27,7 +27,8 @@ from ..config import ConfigError, check_resume_config, save_config, to_dict
 from ..data.segments import load_segments
 from ..layout import ActionDiscretizer, TokenLayout
 from ..models.world_model import WorldModel, WorldModelConfig, init_weights
-from ..utils import RunLogger, atomic_save, check_finite_step, load_checkpoint, resolve_device, seed_everything
+from ..utils import (RunLogger, atomic_save, check_finite_step, load_checkpoint, resolve_device, seed_everything,
+                     warmup_cosine_lr)
 
 
 @dataclass
@@ -43,9 +44,14 @@ class WMTrainConfig:
     steps: int = 1000  # paper: 150k
     batch_size: int = 16  # paper: 16
     lr: float = 5e-5  # paper
+    schedule: str = "constant"  # constant (paper) | cosine: linear warm-up, then cosine down to min_lr
+    min_lr: float = 0.0
+    warmup: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     change_weight: float = 0.0  # > 0: tokens that change from the previous frame weigh 1 + this (0: Eq. 3 MLE)
+    action_dropout: float = 0.0  # > 0: this fraction of segments trains with every action token replaced by the
+                                 # null id, so the model also learns p(frames | no actions) for action guidance
     structured_init: bool = True  # from scratch: code/action embeddings start from their FSQ digits / bin values
     dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     log_every: int = 10
@@ -61,6 +67,10 @@ class WMTrainConfig:
                               "tokenizer=<dir> to tokenize demos here")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("steps, batch_size must be >= 1 and lr > 0")
+        if not 0 <= self.action_dropout < 1:
+            raise ConfigError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
 
@@ -118,6 +128,13 @@ def _segments_from_demos(cfg: WMTrainConfig, out: Path, dev) -> dict:
     return seg
 
 
+def drop_actions(ids: torch.Tensor, layout: TokenLayout, drop: torch.Tensor) -> torch.Tensor:
+    """ids with every action token of the rows where `drop` (B,) is True replaced by the null action id."""
+    a0 = layout.action_offset
+    is_action = (ids >= a0) & (ids < a0 + layout.num_action_bins)
+    return torch.where(is_action & drop[:, None], layout.null_action_id, ids)
+
+
 def structured_token_init(wm: WorldModel, layout: TokenLayout, fsq_levels, seed: int = 0, std: float = 0.02) -> None:
     """Start the token embeddings (and the dynamics-code rows of the LM head) from what the ids mean instead of
     i.i.d. noise: an FSQ code from its digits (codes that differ in one digit start close), an action bin from
@@ -160,7 +177,7 @@ def _finish_world_dir(cfg: WMTrainConfig, seg: dict, path: Path) -> None:
     if made_by and made_by != tokenizer_hash(tok):
         raise ValueError(f"the segments were tokenized by another tokenizer (hash {made_by}) than tokenizer="
                          f"{cfg.tokenizer} ({tokenizer_hash(tok)}); pass the tokenizer that made them")
-    save_world_dir(path, tok, disc)
+    save_world_dir(path, tok, disc, cfg.action_dropout)
 
 
 def main(argv: list[str]) -> int:
@@ -238,20 +255,27 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
     loss = torch.tensor(float("nan"))
     while step < cfg.steps:
         idx = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)[share]  # this rank's share
+        batch = ids[idx]
+        lr = cfg.lr if cfg.schedule == "constant" else warmup_cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        if cfg.action_dropout > 0:  # drawn for the whole batch, so every rank draws the same
+            drop = torch.rand(cfg.batch_size, generator=gen)[share] < cfg.action_dropout
+            batch = drop_actions(batch, lay, drop)
         with autocast:
-            loss = loss_fn(ids[idx].to(dev), mask[idx].to(dev), cfg.change_weight, frame_step,
+            loss = loss_fn(batch.to(dev), mask[idx].to(dev), cfg.change_weight, frame_step,
                            total_weight if d.enabled else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
-        check_finite_step("pretrain-wm", step + 1, loss.detach(), gnorm, cfg.lr)
+        check_finite_step("pretrain-wm", step + 1, loss.detach(), gnorm, lr)
         opt.step()
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             full = float(du.scalar_mean(d, loss.detach()))  # = the whole batch's weighted mean
             if d.is_main:
-                log.log(step, {"loss": full, "grad_norm": float(gnorm), "lr": cfg.lr})
+                log.log(step, {"loss": full, "grad_norm": float(gnorm), "lr": lr})
             bar.set_postfix(loss=f"{full:.4f}")
         if d.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             atomic_save({"model": wm.state_dict(), "optimizer": opt.state_dict(), "step": step,
