@@ -22,7 +22,7 @@ def test_pretrain_wm_vocab_follows_tokenizer(tmp_path):
     assert (cfg.num_codes, cfg.vocab_size) == (64, tok.layout.vocab_size) == (64, 64 * 2 + 256 + 2)
 
 
-def test_pretrain_wm_from_demos(tmp_path):
+def test_pretrain_wm_from_demos(tmp_path, capsys):
     demos = collect_demos("reach", num_episodes=3, seed=0, image_size=32, max_steps=12)
     save_demos(demos, tmp_path / "demos.pt")
     tok = VisualTokenizer(TokenizerConfig(image_size=32, channels=[8, 16, 16], latent_channels=16))
@@ -44,6 +44,11 @@ def test_pretrain_wm_from_demos(tmp_path):
     mtime = (out / "segments.pt").stat().st_mtime_ns
     assert cli([*args[:-4], "steps=3", "batch_size=2", "segment_frames=4", "segment_stride=4"]) == 0
     assert (out / "segments.pt").stat().st_mtime_ns == mtime
+    # ... unless they were made from other inputs: new demos under the same file name rebuild the cache
+    save_demos(collect_demos("reach", num_episodes=3, seed=1, image_size=32, max_steps=12), tmp_path / "demos.pt")
+    assert cli([*args[:-4], "steps=4", "batch_size=2", "segment_frames=4", "segment_stride=4"]) == 0
+    assert "rebuilding it" in capsys.readouterr().out
+    assert not torch.equal(load_segments(out / "segments.pt")["ids"], seg["ids"])
 
 
 def test_segments_skip_the_idle_tail_after_success():

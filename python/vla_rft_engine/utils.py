@@ -177,3 +177,13 @@ def warmup_cosine_lr(step: int, lr: float, min_lr: float, warmup: int, steps: in
         return lr * (step + 1) / warmup
     p = (step - warmup) / max(1, steps - warmup)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    """Content hash of a file (first 16 hex digits): what a stage output records about its inputs."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -116,14 +116,22 @@ def _segments_from_demos(cfg: WMTrainConfig, out: Path, dev) -> dict:
     from ..data.demos import load_demos
     from ..data.segments import build_segments, save_segments
     from ..models.tokenizer import VisualTokenizer
+    from ..models.world import tokenizer_hash
+    from ..utils import file_sha256
     path = out / "segments.pt"
-    if path.is_file():
-        return load_segments(path)
-    demos = load_demos(cfg.demos)
     tok = VisualTokenizer.load(cfg.tokenizer).to(dev)
+    made_from = {"demos_sha256": file_sha256(cfg.demos), "tokenizer_sha256": tokenizer_hash(tok),
+                 "frames": cfg.segment_frames, "stride": cfg.segment_stride}
+    if path.is_file():  # a cache: reused only when it was made from these very inputs
+        seg = load_segments(path)
+        if seg.get("made_from") == made_from:
+            return seg
+        print(f"pretrain-wm: {path} was made from other demos, tokenizer or segment settings; rebuilding it", flush=True)
+    demos = load_demos(cfg.demos)
     disc = ActionDiscretizer.from_dataset(torch.as_tensor(demos["actions"]))
     print(f"pretrain-wm: tokenizing {len(demos['frames'])} episodes with {cfg.tokenizer} -> {path}", flush=True)
     seg = build_segments(demos, tok, disc, frames=cfg.segment_frames, stride=cfg.segment_stride, device=dev)
+    seg["made_from"] = made_from
     save_segments(seg, path)
     return seg
 
