@@ -52,7 +52,43 @@ def extensions():
     if missing:
         print(f"setup.py: sources {missing} missing, building without the extension")
         return [], {}
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
+    return exts, {"build_ext": _reusing(BuildExtension).with_options(use_ninja=bool(shutil.which("ninja")))}
+
+
+def _stamp(ext) -> str:
+    """What a built extension depends on: its sources, headers, flags, the torch it links against."""
+    import hashlib
+    import torch
+    h = hashlib.sha256(f"{torch.__version__}|{os.environ.get('TORCH_CUDA_ARCH_LIST')}|{ext.extra_compile_args}".encode())
+    for f in sorted(ext.sources + list(ext.depends)):
+        with open(os.path.join(ROOT, f), "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def _reusing(base):
+    """build_ext that reuses the in-place extension (what an editable install left in python/vla_rft_engine/)
+    when its stamp matches, instead of recompiling: a second `pip install -e .` takes seconds, not minutes."""
+    class ReusingBuildExt(base):
+        def build_extension(self, ext):
+            name = ext.name.split(".")[-1] + self.get_ext_filename("x")[1:]  # e.g. _vq_cpu.cpython-311-....so
+            built = os.path.join(ROOT, "python", "vla_rft_engine", name)
+            stamp_file, stamp = built + ".stamp", _stamp(ext)
+            target = self.get_ext_fullpath(ext.name)
+            if os.path.exists(built) and os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
+                print(f"setup.py: {ext.name} is up to date, reusing {os.path.relpath(built, ROOT)}", flush=True)
+                if os.path.abspath(target) != os.path.abspath(built):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copy2(built, target)
+                return
+            print(f"setup.py: compiling {ext.name} ({'nvcc, a few minutes' if 'cuda' in ext.name else 'C++'})",
+                  flush=True)
+            super().build_extension(ext)
+            if os.path.abspath(target) != os.path.abspath(built):
+                shutil.copy2(target, built)  # the in-place copy is what the next install reuses
+            with open(stamp_file, "w") as f:
+                f.write(stamp)
+    return ReusingBuildExt
 
 
 ext_modules, cmdclass = extensions()
