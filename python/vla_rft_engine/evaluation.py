@@ -205,7 +205,7 @@ def write_report(qs) -> dict:
     dists = {"expert": expert, "SFT": action_samples(p["sft"] / "ckpt.pt", held),
              "RFT": action_samples(p["rft"] / f"seed{c.seeds[0]}" / "ckpt.pt", held)}
     save_histograms(dists, ["dx", "dy", "dz", "gripper"], [0, 1, 2, 6], out / "action_distributions.png",
-                    title="actions on unseen expert states")
+                    title="actions on unseen expert states: share of each policy's samples per bin (paper Fig. 4)")
     res = {"task": c.task, "seeds": c.seeds, "episodes_per_setting_seed": c.eval_episodes, "table": table,
            "avg_delta": float(np.mean([v["delta"] for v in table.values()])), "gain_ci95": ci,
            "eval_seed": c.eval_seed, "rft_signal": signal, "records": records,

@@ -79,33 +79,55 @@ def save_curve(xs, ys_by_name: dict[str, list[float]], path: str | Path, title: 
     return path
 
 
+def _font(size: int):
+    """PIL's bundled font at a readable size (Pillow >= 10.1); the tiny bitmap default otherwise."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _tick(v: float) -> str:
+    return "0" if abs(v) < 5e-4 else f"{v:+.2f}".replace("+", "")
+
+
 def save_histograms(samples: dict[str, np.ndarray], dim_names: list[str], dims: list[int], path: str | Path,
-                    bins: int = 30, title: str = "", panel: tuple[int, int] = (300, 200)) -> Path:
-    """One panel per action dim; in each, a normalised histogram line per source (samples[name]: (n, D))."""
+                    bins: int = 30, title: str = "", panel: tuple[int, int] = (340, 260)) -> Path:
+    """One panel per action dim; in each, a histogram line per source (samples[name]: (n, D)) as the fraction
+    of that source's samples per bin, with x ticks at both ends and the middle and the y scale in %."""
     W, H = panel
-    m, top = 30, 24
+    left, bottom, top = 52, 46, 34
     img = Image.new("RGB", (W * len(dims), H + top), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    d.text((6, 4), title, fill=(0, 0, 0))
+    small, big = _font(12), _font(16)
+    d.text((8, 6), title, fill=(0, 0, 0), font=big)
     colors = [(0, 0, 0), (31, 119, 180), (214, 39, 40), (44, 160, 44)]
     for j, (dim, dname) in enumerate(zip(dims, dim_names)):
         x0 = j * W
         vals = np.concatenate([np.asarray(s)[:, dim] for s in samples.values()])
         lo, hi = float(vals.min()), float(vals.max())
-        hi = hi if hi > lo else lo + 1e-3
+        if hi - lo < 1e-6:  # one value (e.g. a gripper that never closes): centre it in a unit-wide axis
+            lo, hi = lo - 0.5, hi + 0.5
         edges = np.linspace(lo, hi, bins + 1)
         hists = {k: np.histogram(np.asarray(s)[:, dim], edges)[0] / max(1, len(s)) for k, s in samples.items()}
         ymax = max(float(h.max()) for h in hists.values()) or 1.0
-        box = (x0 + m, top + 10, x0 + W - 10, top + H - m)
+        box = (x0 + left, top + 8, x0 + W - 12, top + H - bottom)
         d.rectangle(box, outline=(0, 0, 0))
         for k, (name, h) in enumerate(hists.items()):
             xs = box[0] + (np.arange(bins) + 0.5) / bins * (box[2] - box[0])
-            ys = box[3] - h / ymax * (box[3] - box[1] - 5)
-            d.line(list(zip(xs.tolist(), ys.tolist())), fill=colors[k % len(colors)], width=2)
-            d.text((box[0] + 4, box[1] + 3 + 11 * k), name, fill=colors[k % len(colors)])
-        d.text((x0 + W // 2 - 10, top + H - m + 3), dname, fill=(0, 0, 0))
-        d.text((box[0], top + H - 14), f"{lo:.2g}", fill=(0, 0, 0))
-        d.text((box[2] - 24, top + H - 14), f"{hi:.2g}", fill=(0, 0, 0))
+            ys = box[3] - h / ymax * (box[3] - box[1] - 6)
+            c = colors[k % len(colors)]
+            d.line(list(zip(xs.tolist(), ys.tolist())), fill=c, width=2)
+            d.line([(box[2] - 70, box[1] + 10 + 15 * k), (box[2] - 52, box[1] + 10 + 15 * k)], fill=c, width=2)
+            d.text((box[2] - 48, box[1] + 3 + 15 * k), name, fill=c, font=small)
+        for frac in (0.0, 0.5, 1.0):  # x ticks
+            x = box[0] + frac * (box[2] - box[0])
+            d.line([(x, box[3]), (x, box[3] + 4)], fill=(0, 0, 0))
+            d.text((x - 14, box[3] + 6), _tick(lo + frac * (hi - lo)), fill=(0, 0, 0), font=small)
+        d.text(((box[0] + box[2]) // 2 - 4 * len(dname), box[3] + 24), dname, fill=(0, 0, 0), font=big)
+        d.text((x0 + 4, box[1] - 2), f"{100 * ymax:.0f}%", fill=(0, 0, 0), font=small)  # y scale: top = ymax
+        d.text((x0 + 4, box[3] - 12), "0%", fill=(0, 0, 0), font=small)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
