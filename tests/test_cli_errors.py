@@ -69,7 +69,7 @@ def test_tokenizer_stops_at_the_first_non_finite_step(tmp_path, capsys):
     out = tmp_path / "tok"
     assert cli(["pretrain-tokenizer", f"out_dir={out}", "lr=1e30", "steps=20", *TOK]) == 2
     _one_line_error(capsys, "pretrain-tokenizer diverged at step")
-    assert not (out / "tokenizer.pt").exists()
+    assert not (out / "tokenizer.safetensors").exists()
     if (out / "metrics.jsonl").exists():
         _jsonl_valid(out / "metrics.jsonl")
 

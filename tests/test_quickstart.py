@@ -23,9 +23,9 @@ def run_dir(tmp_path_factory):
 def test_every_stage_leaves_its_artifacts(run_dir):
     state = json.loads((run_dir / "quickstart_state.json").read_text())
     assert list(state["stages"]) == list(STAGES)
-    for f in ("demos.pt", "tokenizer/tokenizer.pt", "world_model/world_model/config.json",
+    for f in ("demos.pt", "tokenizer/tokenizer.safetensors", "world_model/world_model/config.json",
               "world_model/world_model/action_ranges.json", "world_model/world_model/world.json",
-              "world_model/world_model/tokenizer/tokenizer.pt", "wm_eval/metrics.json", "sft/ckpt.pt", "rft/seed0/ckpt.pt",
+              "world_model/world_model/tokenizer/tokenizer.safetensors", "wm_eval/metrics.json", "sft/ckpt.pt", "rft/seed0/ckpt.pt",
               "rft/seed2/ckpt.pt",
               "results.json", "results.md", "reward_curve.png", "wm_rollout.png", "action_distributions.png"):
         assert (run_dir / f).is_file(), f

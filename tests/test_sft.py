@@ -142,3 +142,19 @@ def test_checkpoint_carries_the_flow_tau_law(tmp_path):
     """RFT's flow-MSE term draws tau from the law the policy was trained with (the SFT config), not a constant."""
     sft.train(cfg(tmp_path, "steps=1", "tau_alpha=0.5", "tau_beta=2.0"))
     assert sft.load_policy(tmp_path / "ckpt.pt").flow_tau == (0.5, 2.0)
+
+
+def test_policy_safetensors_equals_the_training_checkpoint(tmp_path):
+    """policy.safetensors (no pickle) holds the same policy as ckpt.pt; a dir loads it; a corrupt one is named."""
+    from safetensors import safe_open
+    from vla_rft_engine.config import BadFileError
+    sft.train(cfg(tmp_path, "steps=2", "tau_alpha=0.5", "tau_beta=2.0"))
+    a, b, c = (sft.load_policy(p) for p in (tmp_path / "ckpt.pt", tmp_path / "policy.safetensors", tmp_path))
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v) and torch.equal(c.state_dict()[k], v), k
+    assert b.flow_tau == a.flow_tau == (0.5, 2.0) and b.cfg == a.cfg
+    with safe_open(str(tmp_path / "policy.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["vla_rft"])["step"] == 2
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(BadFileError, match="bad.safetensors is corrupt"):
+        sft.load_policy(tmp_path / "bad.safetensors")

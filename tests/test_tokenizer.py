@@ -113,3 +113,20 @@ def test_vq_decode_reference_is_plain_conv_and_linear():
     y = fsq_indices_to_codes(ids, levels) @ W2.t() + b2  # (2, 16, 12) with index c*4 + u*2 + v
     for bi, (i, j, c, u, v) in itertools.product(range(2), itertools.product(range(4), range(4), range(3), range(2), range(2))):
         assert out2[bi, c, i * 2 + u, j * 2 + v] == y[bi, i * 4 + j, c * 4 + u * 2 + v]
+
+
+def test_tokenizer_weights_are_safetensors_and_legacy_files_still_load(tmp_path):
+    from vla_rft_engine.config import BadFileError
+    from vla_rft_engine.config import to_dict
+    tok = VisualTokenizer(TokenizerConfig(image_size=32, channels=[8, 16, 16], latent_channels=16)).eval()
+    tok.save(tmp_path / "new")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["tokenizer.safetensors", "tokenizer_config.yaml"]
+    (tmp_path / "old").mkdir()  # the pre-safetensors layout: one torch file, read as plain data
+    torch.save({"config": to_dict(tok.cfg), "state_dict": tok.state_dict(), "format": "vla-rft-tokenizer/1"},
+               tmp_path / "old" / "tokenizer.pt")
+    for d in ("new", "old"):
+        sd = VisualTokenizer.load(tmp_path / d).state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in tok.state_dict().items()), d
+    (tmp_path / "new" / "tokenizer.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(BadFileError, match="tokenizer.safetensors is corrupt"):
+        VisualTokenizer.load(tmp_path / "new")

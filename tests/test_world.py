@@ -45,7 +45,7 @@ def test_save_load_roundtrip_and_manifest(world_dir):
     path, w = world_dir
     man = json.loads((path / "world.json").read_text())
     assert man["tokenizer_sha256"] == tokenizer_hash(w.tokenizer) and man["layout"]["dynamics_tokens"] == 4
-    assert (path / "tokenizer" / "tokenizer.pt").is_file() and (path / "config.json").is_file()
+    assert (path / "tokenizer" / "tokenizer.safetensors").is_file() and (path / "config.json").is_file()
     w2 = LearnedWorld.load(path)
     start, acts = _inputs()
     a = w.imagine(start, acts, temperature=0)

@@ -223,7 +223,7 @@ class Quickstart:
         """The files a finished stage leaves (a resume redoes the stage when one is gone)."""
         p = self.paths
         return {"demos": [p["demos"], p["demos_all"]] + ([p["demos_wm"]] if self.cfg.wm_train_demos else []),
-                "tokenizer": [p["tokenizer"] / "tokenizer.pt"],
+                "tokenizer": [p["tokenizer"] / "tokenizer.safetensors"],
                 "world_model": [p["world_model"] / "world_model" / "config.json"], "sft": [p["sft"] / "ckpt.pt"],
                 "rft": [p["rft"] / f"seed{s}" / "ckpt.pt" for s in self.cfg.seeds], "evaluate": [p["eval"]],
                 "report": [self.out / "results.json", self.out / "results.md"]}[stage]

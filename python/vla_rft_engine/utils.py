@@ -104,6 +104,35 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", map_location="cp
                            f"weights_only=True: {why}); delete it and re-run the stage that writes it") from None
 
 
+def save_weights(path: str | Path, tensors: dict, meta: dict) -> Path:
+    """Weights as safetensors (no pickle: loading runs no code) with `meta` as JSON in the header; atomic."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"vla_rft": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(path: str | Path, what: str = "weights") -> tuple[dict, dict]:
+    """(tensors, meta) from save_weights' file; a missing or corrupt file is a one-line error naming it."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found at {path}; train it first or point the config at the right file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("vla_rft", "{}"))
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:
+        from .config import BadFileError
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BadFileError(f"{what} at {path} is corrupt or not a safetensors file ({why}); delete it and re-run "
+                           "the stage that writes it") from None
+
+
 def _json_number(v) -> float | None:
     v = float(v)
     return v if math.isfinite(v) else None  # NaN/inf are not JSON: written as null

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from ..config import from_dict, save_config, to_dict
 from ..layout import TokenLayout
 from ..ops.vq_decode import vq_decode
-from ..utils import atomic_save, load_checkpoint
+from ..utils import load_checkpoint, load_weights, save_weights
 from .quantizers import FSQ, VQ
+
+FORMAT, WEIGHTS, LEGACY = "vla-rft-tokenizer/1", "tokenizer.safetensors", "tokenizer.pt"
 
 
 @dataclass
@@ -270,22 +272,34 @@ class VisualTokenizer(nn.Module):
 
     # --- persistence ---
     def save(self, path: str | Path) -> None:
+        """DIR/tokenizer.safetensors (weights + config in its header) and DIR/tokenizer_config.yaml."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_save({"config": to_dict(self.cfg), "state_dict": self.state_dict(), "format": "vla-rft-tokenizer/1"},
-                    path / "tokenizer.pt")
+        save_weights(path / WEIGHTS, self.state_dict(), {"format": FORMAT, "config": to_dict(self.cfg)})
         save_config(self.cfg, path / "tokenizer_config.yaml")
 
     @classmethod
     def load(cls, path: str | Path, map_location="cpu") -> "VisualTokenizer":
+        """A tokenizer dir (tokenizer.safetensors, or a legacy tokenizer.pt) or either file itself."""
         path = Path(path)
-        f = path / "tokenizer.pt" if path.is_dir() else path
-        ck = load_checkpoint(f, "tokenizer checkpoint", map_location)
-        if ck.get("format") != "vla-rft-tokenizer/1":
-            raise ValueError(f"{f} is not a vla-rft tokenizer checkpoint (format={ck.get('format')!r})")
-        tok = cls(from_dict(TokenizerConfig, ck["config"]))
-        missing, unexpected = tok.load_state_dict(ck["state_dict"], strict=False)
+        f = path
+        if path.is_dir():
+            f = path / WEIGHTS if (path / WEIGHTS).is_file() or not (path / LEGACY).is_file() else path / LEGACY
+        if f.suffix == ".safetensors":
+            sd, meta = load_weights(f, "tokenizer weights")
+        else:  # legacy torch file, read as plain data (weights_only)
+            meta = load_checkpoint(f, "tokenizer checkpoint", map_location)
+            sd = meta.get("state_dict", {})
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{f} is not a vla-rft tokenizer (format={meta.get('format')!r})")
+        tok = cls(from_dict(TokenizerConfig, meta["config"]))
+        missing, unexpected = tok.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"tokenizer checkpoint {f} does not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        return tok.eval()
+        return tok.to(map_location).eval()
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether `path` holds a tokenizer (a dir with either file, or the file itself)."""
+        path = Path(path)
+        return (path / WEIGHTS).is_file() or (path / LEGACY).is_file() or path.is_file()

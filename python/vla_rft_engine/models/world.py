@@ -95,9 +95,9 @@ class LearnedWorld:
                                     "writes as OUT_DIR/world_model")
         man = _read_manifest(path)
         tok_path = Path(tokenizer) if tokenizer else path / "tokenizer"
-        if not (tok_path / "tokenizer.pt").is_file() and not tok_path.is_file():
+        if not VisualTokenizer.exists(tok_path):
             raise FileNotFoundError(f"no tokenizer at {tok_path}: pass tokenizer=DIR (the one the world model was "
-                                    "trained on; `vla-rft pretrain-tokenizer` writes DIR/tokenizer.pt)")
+                                    "trained on; `vla-rft pretrain-tokenizer` writes DIR/tokenizer.safetensors)")
         tok = VisualTokenizer.load(tok_path).to(device).eval()
         ar = Path(action_ranges) if isinstance(action_ranges, (str, Path)) else path / "action_ranges.json"
         if isinstance(action_ranges, ActionDiscretizer):

@@ -19,7 +19,7 @@ CKPT_FORMAT = "vla-rft-rft/1"
 class RFTConfig:
     out_dir: str = "runs/rft"
     world_model: str = ""          # world dir (vla-rft pretrain-wm -> out_dir/world_model): HF weights + tokenizer
-    tokenizer: str = ""            # "" = the world dir's own copy; else a dir with tokenizer.pt (checked against it)
+    tokenizer: str = ""            # "" = the world dir's own copy; else a tokenizer dir (checked against it)
     policy: str = ""               # SFT checkpoint (vla-rft sft -> out_dir/ckpt.pt)
     demos: str = ""                # demos file (load_demos format)
     segments: str = ""             # segments file: its action_ranges are the WM's discretizer

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 # what writes each stage's file (named in the errors when one is missing)
 MAKES = {
-    "tokenizer": "vla-rft pretrain-tokenizer out_dir=DIR (writes DIR/tokenizer.pt)",
+    "tokenizer": "vla-rft pretrain-tokenizer out_dir=DIR (writes DIR/tokenizer.safetensors)",
     "world_model": "vla-rft pretrain-wm segments=FILE out_dir=DIR (writes DIR/world_model/config.json + weights)",
     "policy": "vla-rft sft out_dir=DIR (writes DIR/ckpt.pt)",
     "demos": "vla-rft sft data=builtin out_dir=DIR (caches DIR/demos.pt) or data.demos.save_demos(collect_demos(...))",

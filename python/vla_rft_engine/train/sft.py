@@ -9,8 +9,9 @@ Data: (image o_t, instruction l, proprio s_t, action chunk a_{t:t+C}) from the b
 episode end repeat the last action. Split by episode (val_fraction).
 Every step draws its batch, tau and noise from a generator seeded by (seed, step), so a resumed run
 repeats an uninterrupted one exactly. The Sigma Net is not trained here (Stage II only).
-Writes out_dir/{ckpt.pt, metrics.jsonl, tb/, config.yaml}; ckpt.pt holds the policy, its config and the
-action/proprio normalisation statistics (load_policy reads it back).
+Writes out_dir/{policy.safetensors, ckpt.pt, metrics.jsonl, tb/, config.yaml}: policy.safetensors is the deployable
+policy (weights with the action/proprio normalisation statistics, its config in the header; no pickle),
+ckpt.pt the training state for resuming (optimizer, scheduler; read as plain data). load_policy reads either.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .. import distributed as du
 from ..cli import parse_command
 from ..config import ConfigError, check_resume_config, from_dict, save_config, to_dict
 from ..models.policy import PolicyConfig, VLAPolicy
-from ..utils import (RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint,
+from ..utils import (load_weights, save_weights, RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint,
                      resolve_device, seed_everything)
 
 
@@ -175,13 +176,32 @@ def _beta(cfg: SFTConfig, n: int, g: torch.Generator) -> torch.Tensor:
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
+POLICY_FORMAT, POLICY_WEIGHTS = "vla-rft-policy/1", "policy.safetensors"
+
+
+def save_policy_weights(policy: VLAPolicy, path: str | Path, step: int) -> Path:
+    """The deployable policy alone: weights (normalisation stats included) + config in a safetensors header."""
+    return save_weights(path, policy.state_dict(), {"format": POLICY_FORMAT, "policy_config": to_dict(policy.cfg),
+                                                    "flow_tau": list(policy.flow_tau), "step": step})
+
+
 def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
-    """A trained policy (with its normalisation stats) from an SFT checkpoint."""
-    ck = load_checkpoint(path, "SFT policy checkpoint")
+    """A trained policy (with its normalisation stats): policy.safetensors, a run dir holding it, or a training
+    checkpoint ckpt.pt (SFT or RFT, read as plain data)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / POLICY_WEIGHTS if (path / POLICY_WEIGHTS).is_file() else path / "ckpt.pt"
+    if path.suffix == ".safetensors":
+        sd, ck = load_weights(path, "policy weights")
+        if ck.get("format") != POLICY_FORMAT:
+            raise ValueError(f"{path} is not a vla-rft policy (format={ck.get('format')!r})")
+    else:
+        ck = load_checkpoint(path, "SFT policy checkpoint")
+        sd = ck["model"]
     pc = dict(ck["policy_config"])
     pc.setdefault("enc_version", 1)  # checkpoints from before enc_version existed hold the version-1 encoder
     policy = VLAPolicy(from_dict(PolicyConfig, pc))
-    policy.load_state_dict(ck["model"])
+    policy.load_state_dict(sd)
     cfg = ck.get("config") or {}
     policy.flow_tau = tuple(ck.get("flow_tau") or (cfg.get("tau_alpha", 1.0), cfg.get("tau_beta", 1.5)))
     return policy.to(device).eval()
@@ -260,6 +280,8 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
                      "step": step, "config": to_dict(cfg), "policy_config": to_dict(cfg.policy),
                      "norm_stats": policy.norm_stats(), "flow_tau": (cfg.tau_alpha, cfg.tau_beta), "metrics": metrics},
                     ckpt_path)
+        policy.flow_tau = (cfg.tau_alpha, cfg.tau_beta)
+        save_policy_weights(policy, out / POLICY_WEIGHTS, step)
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     metrics: dict = {}
