@@ -167,3 +167,25 @@ def test_demos_with_a_nan_action_are_refused_at_load_naming_the_episode(tmp_path
     save_demos(d, tmp_path / "demos.pt")
     with pytest.raises(BadFileError, match=r"actions of episode\(s\) \[2\] hold NaN"):
         load_demos(tmp_path / "demos.pt")
+
+
+def test_a_corrupt_world_model_file_is_named(tmp_path, capsys):
+    """Truncated model.safetensors / garbled config.json: a one-line error naming the file, exit 2."""
+    import shutil
+    from vla_rft_engine.layout import ActionDiscretizer
+    from vla_rft_engine.models.tokenizer import TokenizerConfig, VisualTokenizer
+    from vla_rft_engine.models.world import LearnedWorld
+    from vla_rft_engine.models.world_model import WorldModel, WorldModelConfig, init_weights
+    tok = VisualTokenizer(TokenizerConfig(image_size=16, channels=[8, 8, 8], latent_channels=8, dyn_patch=2,
+                                          levels=[4, 4]))
+    lay = tok.layout
+    wm = init_weights(WorldModel(WorldModelConfig.preset("tiny", vocab_size=lay.vocab_size, num_codes=lay.num_codes)))
+    good = tmp_path / "good"
+    LearnedWorld(tok, wm, ActionDiscretizer(-torch.ones(7), torch.ones(7))).save(good)
+    for name, damage in (("model.safetensors", lambda b: b[: len(b) // 3]), ("config.json", lambda b: b[:-10])):
+        bad = tmp_path / name.replace(".", "_")
+        shutil.copytree(good, bad)
+        (bad / name).write_bytes(damage((bad / name).read_bytes()))
+        assert cli(["wm-eval", f"wm={bad}", f"demos={tmp_path / 'demos.pt'}"]) == 2
+        err = _one_line_error(capsys, "is corrupt")
+        assert str(bad / name) in err

@@ -160,6 +160,12 @@ def test_bad_inputs(stage, tmp_path, monkeypatch):
                      ("tokenizer", "vla-rft pretrain-tokenizer"), ("demos", "demos.pt")):
         with pytest.raises(FileNotFoundError, match=cmd):
             rft.build(cfg_for(stage, tmp_path, f"{key}={tmp_path / 'nope'}"), rft.du.init("cpu"))
+    from vla_rft_engine.data.demos import load_demos, save_demos
+    d = load_demos(stage["demos"])
+    d["actions"] = d["actions"][..., :6]  # a 6-D dataset for a 7-D policy: refused before any step
+    save_demos(d, tmp_path / "demos6.pt")
+    with pytest.raises(ValueError, match="hold 6-D actions .* the policy takes 7-D"):
+        rft.build(cfg_for(stage, tmp_path, f"demos={tmp_path / 'demos6.pt'}"), rft.du.init("cpu"))
     rft.train(cfg_for(stage, tmp_path, "grpo.steps=1"))
     with pytest.raises(ConfigError, match=r"grpo\.lr: checkpoint 0\.001 vs now 0\.002"):
         rft.train(cfg_for(stage, tmp_path, "grpo.steps=2", "grpo.lr=2e-3"))

@@ -265,7 +265,7 @@ class WorldModel(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}/config.json not found; expected a Hugging Face LlamaForCausalLM directory")
-        hf = json.loads((path / "config.json").read_text())
+        hf = _read_json(path / "config.json")
         file_cfg = WorldModelConfig.from_hf_dict(hf, **{k: v for k, v in overrides.items() if k in _RUNTIME})
         if config is not None:
             want = WorldModelConfig.preset(config) if isinstance(config, str) else config
@@ -312,16 +312,35 @@ class WorldModel(nn.Module):
 _RUNTIME = {"attn_backend", "norm_backend"}  # settings that do not touch the weights
 
 
+def _bad_file(f: Path, e: Exception):
+    from ..config import BadFileError
+    why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return BadFileError(f"{f} is corrupt ({why}); re-run `vla-rft pretrain-wm` or restore the world-model directory")
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad_file(f, e) from None
+
+
+def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises its own error type for a truncated or garbled header
+        raise _bad_file(f, e) from None
+
+
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        return load_file(str(path / "model.safetensors"))
+        return _load_safetensors(path / "model.safetensors")
     if (path / "model.safetensors.index.json").is_file():
-        from safetensors.torch import load_file
-        idx = json.loads((path / "model.safetensors.index.json").read_text())
+        idx = _read_json(path / "model.safetensors.index.json")
         out = {}
         for shard in sorted(set(idx["weight_map"].values())):
-            out.update(load_file(str(path / shard)))
+            out.update(_load_safetensors(path / shard))
         return out
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)

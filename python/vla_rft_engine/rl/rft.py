@@ -77,6 +77,10 @@ class RFTRun:
                               f"grpo.minibatches={g.minibatches}")
         if len(pool) < g.task_instances:
             raise ConfigError(f"the demos give {len(pool)} start states, fewer than grpo.task_instances={g.task_instances}")
+        if pool.chunks.shape[-1] != policy.cfg.action_dim or pool.proprio.shape[-1] != policy.cfg.proprio_dim:
+            raise ValueError(f"demos {cfg.demos} hold {pool.chunks.shape[-1]}-D actions and {pool.proprio.shape[-1]}-D "
+                             f"proprio, the policy takes {policy.cfg.action_dim}-D and {policy.cfg.proprio_dim}-D; "
+                             "use the demos the policy was trained on")
         if policy.cfg.action_dim != world.action_dim:
             raise ValueError(f"the policy acts in {policy.cfg.action_dim} dims, the world model's actions have "
                              f"{world.action_dim}; pair a policy and a world model trained on the same data")
