@@ -189,3 +189,16 @@ def test_a_corrupt_world_model_file_is_named(tmp_path, capsys):
         assert cli(["wm-eval", f"wm={bad}", f"demos={tmp_path / 'demos.pt'}"]) == 2
         err = _one_line_error(capsys, "is corrupt")
         assert str(bad / name) in err
+
+
+@pytest.mark.parametrize("cmd,args,key,record", [
+    ("pretrain-tokenizer", TOK + ["steps=2"], "lr=1e-3", "train_config.yaml"),
+    ("sft", SFT + ["steps=2"], "lr=1e-3", "config.yaml")])
+def test_rerun_with_other_settings_is_refused_and_overwrites_nothing(tmp_path, capsys, cmd, args, key, record):
+    out = tmp_path / "run"
+    assert cli([cmd, f"out_dir={out}", *args]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix in (".yaml", ".pt", ".safetensors")}
+    assert cli([cmd, f"out_dir={out}", *args, key]) == 2
+    _one_line_error(capsys, "lr: ")
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix in (".yaml", ".pt", ".safetensors")}
+    assert after == before and record in before
