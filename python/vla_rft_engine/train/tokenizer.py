@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,48 +20,13 @@ from tqdm import tqdm
 
 from .. import metrics
 from ..config import check_resume_config, save_config, to_dict
-from ..models.tokenizer import TokenizerConfig, VisualTokenizer
+from ..models.tokenizer import VisualTokenizer
+from .tokenizer_config import TokenizerTrainConfig
 from ..utils import (RunDirLock, warmup_cosine_lr, RunLogger, atomic_save, check_finite_step, load_checkpoint, nvtx_range,
                      resolve_device, seed_everything)
 from ..viz import save_frame_grid
 
 
-@dataclass
-class TokenizerTrainConfig:
-    out_dir: str = "runs/tokenizer"
-    data: str = "builtin"  # "builtin" (procedural scenes) | demos/frames file (.pt/.npz/.npy) | folder of episode folders
-    builtin_episodes: int = 160
-    builtin_steps: int = 32
-    heldout_fraction: float = 0.02  # paper's held-out split: 1/50
-    steps: int = 800
-    batch_size: int = 8
-    frames_per_context: int = 2
-    max_offset: int = 8
-    lr: float = 2e-3
-    min_lr: float = 1e-4
-    warmup: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    l1_weight: float = 0.5
-    motion_weight: float = 20.0  # dynamics frames: pixels that differ from the context frame weigh 1 + this
-    lpips_weight: float = 0.1  # used only when LPIPS weights are on disk
-    lpips_net: str = "alex"
-    eval_every: int = 200
-    eval_pairs: int = 256
-    ckpt_every: int = 200
-    seed: int = 0
-    device: str = "auto"
-    model: TokenizerConfig = field(default_factory=TokenizerConfig)
-
-    def validate(self) -> None:
-        self.model.validate()
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.batch_size < 1 or self.frames_per_context < 1 or self.steps < 0:
-            raise ValueError("batch_size and frames_per_context must be >= 1 and steps >= 0")
-
-
-# ------------------------------------------------------------------------------------------------ data
 def _to_frames(x, what: str) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x))
     if t.dim() == 4:  # one episode

@@ -15,7 +15,6 @@ global target weight, so K ranks take the same steps as one process with the sam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,52 +26,9 @@ from ..config import ConfigError, check_resume_config, save_config, to_dict
 from ..data.segments import load_segments
 from ..layout import ActionDiscretizer, TokenLayout
 from ..models.world_model import WorldModel, WorldModelConfig, init_weights
+from .world_model_config import WMTrainConfig
 from ..utils import (RunLogger, atomic_save, check_finite_step, load_checkpoint, resolve_device, seed_everything,
                      warmup_cosine_lr)
-
-
-@dataclass
-class WMTrainConfig:
-    segments: str = ""  # torch file from data.segments.build_segments
-    demos: str = ""  # or: a demos file (data.demos.save_demos) ...
-    tokenizer: str = ""  # ... tokenized with this tokenizer dir (vla-rft pretrain-tokenizer)
-    segment_frames: int = 9  # prompt frame + 8 generated frames (the paper's rollout length)
-    segment_stride: int = 4
-    out_dir: str = "runs/world_model"
-    preset: str = "small"  # paper | small | tiny (ignored when init is set)
-    init: str = ""  # optional HF LlamaForCausalLM directory to start from
-    steps: int = 1000  # paper: 150k
-    batch_size: int = 16  # paper: 16
-    lr: float = 5e-5  # paper
-    schedule: str = "constant"  # constant (paper) | cosine: linear warm-up, then cosine down to min_lr
-    min_lr: float = 0.0
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    change_weight: float = 0.0  # > 0: tokens that change from the previous frame weigh 1 + this (0: Eq. 3 MLE)
-    action_dropout: float = 0.0  # > 0: this fraction of segments trains with every action token replaced by the
-                                 # null id, so the model also learns p(frames | no actions) for action guidance
-    structured_init: bool = True  # from scratch: code/action embeddings start from their FSQ digits / bin values
-    dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
-    log_every: int = 10
-    ckpt_every: int = 200
-    resume: bool = True
-    progress: bool = True
-    seed: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if not self.segments and not (self.demos and self.tokenizer):
-            raise ConfigError("pretrain-wm needs segments=<file> (data.segments.build_segments), or demos=<file> "
-                              "tokenizer=<dir> to tokenize demos here")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("steps, batch_size must be >= 1 and lr > 0")
-        if not 0 <= self.action_dropout < 1:
-            raise ConfigError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"schedule must be constant or cosine, got {self.schedule!r}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
 
 
 def masked_nll(wm: WorldModel, ids: torch.Tensor, mask: torch.Tensor, change_weight: float = 0.0,
