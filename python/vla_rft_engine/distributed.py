@@ -146,6 +146,34 @@ def wrap(module: nn.Module, d: Dist, kind: str = "ddp") -> nn.Module:
     return module
 
 
+def shard(units: list[nn.Module]) -> None:
+    """FSDP2 over a model whose parts are called directly (not through one root forward): each unit its own
+    FSDP group, so every call unshards exactly the parameters it uses."""
+    from torch.distributed.fsdp import fully_shard
+    for u in units:
+        fully_shard(u)
+
+
+def model_state(model: nn.Module, opt: torch.optim.Optimizer, sharded: bool):
+    """(model state dict, optimizer state dict), full and on the CPU; sharded: a collective (all ranks call)."""
+    if not sharded:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
+
+
+def load_model_state(model: nn.Module, opt: torch.optim.Optimizer, sharded: bool, sd: dict, osd: dict) -> None:
+    if not sharded:
+        model.load_state_dict(sd)
+        opt.load_state_dict(osd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, sd, options=o)
+    set_optimizer_state_dict(model, opt, osd, options=o)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") and isinstance(getattr(module, "module"), nn.Module) else module
 

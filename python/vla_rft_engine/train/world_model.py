@@ -189,7 +189,12 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
     if ids.shape[1] > wm.config.max_position:
         raise ValueError(f"segments have {ids.shape[1]} tokens, the model {wm.config.max_position} positions")
     wm.to(dev).train()
-    loss_fn = du.wrap(_Loss(wm), d, "ddp")  # DDP averages gradients over ranks
+    sharded = d.enabled and cfg.distributed == "fsdp2"
+    if sharded:  # every part the loss calls is its own FSDP2 unit (masked_nll calls hidden() and output directly)
+        du.shard([*wm.layers, wm.tok_embeddings, wm.norm, wm.output])
+        loss_fn = _Loss(wm)
+    else:
+        loss_fn = du.wrap(_Loss(wm), d, "ddp")  # DDP averages gradients over ranks
     lay = TokenLayout(**seg["layout"]) if seg.get("layout") else TokenLayout()
     frame_step = lay.dynamics_tokens + lay.action_dim
     opt = torch.optim.AdamW(wm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -201,8 +206,7 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, "world-model checkpoint", map_location=dev)
         check_resume_config(ck.get("config"), cfg, out)
-        wm.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        du.load_model_state(wm, opt, sharded, ck["model"], ck["optimizer"])
         step = ck["step"]
         torch.set_rng_state(ck["rng"])
         if "data_rng" in ck:  # batch draws continue where they stopped: resume == uninterrupted, bit for bit
@@ -232,6 +236,8 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
+            gnorm = gnorm.full_tensor()
         check_finite_step("pretrain-wm", step + 1, loss.detach(), gnorm, lr)
         opt.step()
         step += 1
@@ -241,10 +247,17 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
             if d.is_main:
                 log.log(step, {"loss": full, "grad_norm": float(gnorm), "lr": lr})
             bar.set_postfix(loss=f"{full:.4f}")
-        if d.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-            atomic_save({"model": wm.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "rng": torch.get_rng_state(), "data_rng": gen.get_state(), "config": to_dict(cfg)}, ckpt_path)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            sd, osd = du.model_state(wm, opt, sharded)  # all ranks (a collective under FSDP2)
+            if d.is_main:
+                atomic_save({"model": sd, "optimizer": osd, "step": step, "rng": torch.get_rng_state(),
+                             "data_rng": gen.get_state(), "config": to_dict(cfg)}, ckpt_path)
     bar.close()
+    if sharded:  # the full weights in a plain model for the HF directory (a collective; rank 0 receives them)
+        sd = du.model_state(wm, opt, True)[0]
+        if d.is_main:
+            wm = WorldModel(wm.config)
+            wm.load_state_dict(sd)
     if d.is_main:
         log.close()
         wm.eval().save_pretrained(out / "world_model")

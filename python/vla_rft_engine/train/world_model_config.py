@@ -28,6 +28,7 @@ class WMTrainConfig:
     action_dropout: float = 0.0  # > 0: this fraction of segments trains with every action token replaced by the
                                  # null id, so the model also learns p(frames | no actions) for action guidance
     structured_init: bool = True  # from scratch: code/action embeddings start from their FSQ digits / bin values
+    distributed: str = "ddp"  # ddp | fsdp2 (torchrun, more than one process; fsdp2 shards weights + Adam state)
     dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     log_every: int = 10
     ckpt_every: int = 200
@@ -46,5 +47,7 @@ class WMTrainConfig:
             raise ConfigError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"schedule must be constant or cosine, got {self.schedule!r}")
+        if self.distributed not in ("ddp", "fsdp2"):
+            raise ConfigError(f"distributed must be ddp or fsdp2, got {self.distributed!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
