@@ -1,4 +1,7 @@
-"""`vla-rft <command> [--config file.yaml] [key=value ...]`.
+"""`vla-rft <command> [--config FILE.yaml | PRESET] [key=value ...]`.
+
+PRESET: a file shipped in vla_rft_engine/configs/, by name: `paper` (Tables 5-7 as written), `release` (the
+authors' LIBERO run script and trainer defaults); see config.read_config_file.
 
 Each command lives in its own module exposing `main(argv) -> int`; they are imported lazily so that
 `vla-rft info` works even where an optional backend is missing.
@@ -23,9 +26,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     w = max(len(c) for c in COMMANDS)
-    lines = ["usage: vla-rft <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
+    from .config import preset_names
+    lines = ["usage: vla-rft <command> [--config FILE.yaml | PRESET] [key=value ...]", "", "commands:"]
     lines += [f"  {c:<{w}}  {h}" for c, (_, h) in COMMANDS.items()]
-    lines += ["", "`vla-rft <command> --help` lists a command's config keys and defaults."]
+    lines += ["", f"presets (--config NAME): {', '.join(preset_names())}",
+              "`vla-rft <command> --help` lists a command's config keys and defaults."]
     return "\n".join(lines)
 
 
@@ -61,7 +66,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
-    """-> (yaml path from --config, key=value overrides, whether --help was asked)."""
+    """-> (--config's file path or preset name, key=value overrides, whether --help was asked)."""
     cfg, over, want_help = None, [], False
     it = iter(argv)
     for a in it:
@@ -77,13 +82,14 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
 
 
 def parse_command(cmd: str, cls, argv: list[str] | None):
-    """A command's config from `--config FILE.yaml` and key=value overrides; None after printing --help."""
+    """A command's config from `--config FILE.yaml | PRESET` and key=value overrides; None after printing --help
+    (with --config, the help shows the file's values as the defaults)."""
     from .config import load_config
     path, over, want_help = split_args(list(argv or []))
     if want_help:
-        print_config_help(cmd, cls())
+        print_config_help(cmd, cls() if path is None else load_config(cls, path, command=cmd))
         return None
-    return load_config(cls, path, over)
+    return load_config(cls, path, over, command=cmd)
 
 
 def print_config_help(cmd: str, cfg) -> None:
@@ -93,7 +99,7 @@ def print_config_help(cmd: str, cfg) -> None:
     owned = set(getattr(cfg, "SET_BY_COMMAND", ()))
     rows = describe_keys(cfg)
     w = min(max(len(k) + len(str(v)) for k, v, _ in rows) + 4, 60)
-    print(f"usage: vla-rft {cmd} [--config FILE.yaml] [key=value ...]\n\n{COMMANDS[cmd][1]}\n\nkeys (default):")
+    print(f"usage: vla-rft {cmd} [--config FILE.yaml | PRESET] [key=value ...]\n\n{COMMANDS[cmd][1]}\n\nkeys (default):")
     for k, v, doc in rows:
         if k in owned:
             doc = f"[set by {cmd}] " + doc

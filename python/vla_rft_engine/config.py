@@ -1,6 +1,10 @@
 """Dataclass configs: defaults equal the paper's tables, YAML files and `key=value` overrides on top.
 
     cfg = load_config(TokenizerTrainConfig, yaml_path=None, overrides=["steps=200", "model.levels=[8,5,5,5]"])
+    cfg = load_config(RFTConfig, "release", command="rft")      # a preset shipped in vla_rft_engine/configs/
+
+A config file is either flat (`key: value` for one command) or split by command: every top-level key a
+`vla-rft` command name (`rft:`, `sft:`, ...), as the shipped presets are; `command` picks the section.
 """
 from __future__ import annotations
 
@@ -157,16 +161,52 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
-def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package (vla_rft_engine/configs/NAME.yaml), usable as `--config NAME`."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """An existing file as given; else a bare name (no folder, no .yaml) as a shipped preset."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    s = str(name_or_path)
+    if p.suffix in (".yaml", ".yml", ".json") or "/" in s or "\\" in s:
+        raise ConfigError(f"config file {p} does not exist")
+    if (PRESETS_DIR / f"{s}.yaml").is_file():
+        return PRESETS_DIR / f"{s}.yaml"
+    raise ConfigError(f"config {s!r} is neither a file nor a shipped preset ({', '.join(preset_names())})")
+
+
+def read_config_file(name_or_path: str | Path, command: str | None = None) -> dict:
+    """The key: value settings of a config file or preset, for `command` when the file is split by command."""
+    p = resolve_config_path(name_or_path)
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of key: value")
+    from .cli import COMMANDS  # the section names are the CLI's commands
+    if data and all(k in COMMANDS for k in data):  # split by command
+        if command is None or command not in data:
+            has = ", ".join(data)
+            want = f"no section for `vla-rft {command}`" if command else "one section per command"
+            raise ConfigError(f"config {name_or_path} has {want}; its sections: {has}")
+        data = data[command] or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {name_or_path}: section {command!r} must hold a mapping of key: value")
+    return data
+
+
+def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: Iterable[str] = (),
+                command: str | None = None) -> T:
+    """cls's defaults, then the file (a path or a shipped preset's name; `command` picks its section), then the
+    key=value overrides; validated."""
     cfg = cls()
     if yaml_path is not None:
-        p = Path(yaml_path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of key: value")
-        for k, v in data.items():
+        for k, v in read_config_file(yaml_path, command).items():
             set_key(cfg, k, v)
     for k, v in parse_overrides(overrides):
         set_key(cfg, k, v)

@@ -100,12 +100,16 @@ class SigmaNet(ChunkDiT):
                  **kw):
         super().__init__(*args, **kw)
         sigma_init = 2.0 * sigma_min if sigma_init is None else sigma_init
+        self.set_bounds(sigma_min, sigma_max)
+        self.reset_sigma(sigma_init)
+
+    def set_bounds(self, sigma_min: float, sigma_max: float) -> None:
+        """New output range; the current weights then map to other sigmas, so reset_sigma should follow."""
         if not (0 < sigma_min < sigma_max):
             raise ValueError(f"Sigma Net bounds need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, "
                              f"sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.log_min, self.log_max = math.log(sigma_min), math.log(sigma_max)
-        self.reset_sigma(sigma_init)
 
     @torch.no_grad()
     def reset_sigma(self, sigma: float) -> None:

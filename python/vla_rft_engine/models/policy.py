@@ -6,6 +6,7 @@
     a = policy.sample_ode(z, s)                               # deterministic Euler, K steps (eval)
     out = policy.sample_sde(z, s, num_samples=16, generator=g)   # Eq. 5-8 (RFT rollouts)
     lp = policy.log_prob(out.chain, z, s)["log_prob"]         # same, with gradients (GRPO ratio)
+    policy.restart_sigma(0.08, 0.2, 0.1265)                   # Stage II: the Sigma Net's bounds and start
     env_actions = policy.act(image, instruction, proprio)     # raw in, unnormalised chunk out
 
 Actions inside the policy live in a normalised space: per-dim min/max of the training data mapped
@@ -24,6 +25,8 @@ import torch.nn as nn
 from .action_head import FlowHead, SigmaNet
 from .encoders import HFVLMEncoder, SmallEncoder, check_finite
 from .sde import SDESample, ode_sample, sde_log_prob, sde_sample
+
+FLOW_TAU = (1.0, 1.5)  # default Beta(alpha, beta) of the flow-MSE tau (Eq. 4); see VLAPolicy.flow_loss
 
 
 @dataclass
@@ -51,7 +54,7 @@ class PolicyConfig:
     sigma_max: float = 0.5
     sigma_init: float = 0.02
     num_steps: int = 10           # K (Eq. 5): delta = 1/K
-    logprob_reduce: str = "mean"  # Eq. 8: "mean" (paper) | "sum" (authors' code)
+    logprob_reduce: str = "mean"  # Eq. 8: "mean" (paper) | "sum" (authors' code); vla-rft rft sets grpo.logprob_reduce
     backend: str = "auto"         # SDE kernels: "triton" | "torch" | "auto"
 
     def validate(self) -> None:
@@ -81,7 +84,7 @@ class VLAPolicy(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.flow_tau = (1.0, 1.5)  # Beta(alpha, beta) of the flow-MSE tau (Eq. 4): SFT's law, carried by checkpoints
+        self.flow_tau = FLOW_TAU  # Beta(alpha, beta) of the flow-MSE tau (Eq. 4): SFT's law, carried by checkpoints
         if encoder is None:
             if cfg.encoder == "small":
                 encoder = SmallEncoder(cfg.proprio_dim, cfg.z_dim, cfg.enc_channels, version=cfg.enc_version,
@@ -155,10 +158,11 @@ class VLAPolicy(nn.Module):
                              f"got {tuple(actions.shape)}")
         check_finite("actions", actions)
 
-    def flow_loss(self, z, s, actions, tau=None, noise=None, generator=None, alpha: float = 1.0,
-                  beta: float = 1.5, reduction: str = "mean"):
+    def flow_loss(self, z, s, actions, tau=None, noise=None, generator=None, alpha: float | None = None,
+                  beta: float | None = None, reduction: str = "mean"):
         """Eq. 4 on normalised actions: ||v(z, s, a_tau, tau) - (a - eps)||^2, a_tau = tau a + (1-tau) eps,
-        tau ~ Beta(alpha, beta) drawn with `generator` when not given. Default Beta(1, 1.5): density
+        tau ~ Beta(alpha, beta) drawn with `generator` when not given; alpha / beta default to the policy's
+        own law (self.flow_tau: SFT's tau_alpha / tau_beta, carried by checkpoints). FLOW_TAU Beta(1, 1.5): density
         prop. to (1 - tau)^0.5, i.e. more weight near tau = 0 (noise), pi0's choice (Black et al. 2024,
         Beta(1.5, 1) on 1 - tau in its own time convention): the high-noise steps are the hard ones."""
         self._check_chunk(actions)
@@ -166,7 +170,8 @@ class VLAPolicy(nn.Module):
         check_finite("proprio s", s)
         B = actions.shape[0]
         if tau is None:
-            tau = sample_beta(alpha, beta, B, generator, actions.device)
+            a_, b_ = self.flow_tau
+            tau = sample_beta(a_ if alpha is None else alpha, b_ if beta is None else beta, B, generator, actions.device)
         if noise is None:
             noise = torch.randn(actions.shape, generator=generator, device=actions.device)
         t = tau.view(B, 1, 1)
@@ -184,8 +189,23 @@ class VLAPolicy(nn.Module):
         return sde_sample(self.velocity, self.sigma, z, s, self.chunk_shape, num_samples,
                           num_steps or self.cfg.num_steps, generator, self.cfg.logprob_reduce, self.cfg.backend, a0)
 
-    def log_prob(self, chain, z, s) -> dict[str, torch.Tensor]:
-        return sde_log_prob(self.velocity, self.sigma, chain, z, s, self.cfg.logprob_reduce, self.cfg.backend)
+    def log_prob(self, chain, z, s, per_element: bool = False) -> dict[str, torch.Tensor]:
+        """models.sde.sde_log_prob; per_element adds element_log_prob / element_entropy (B, N, T, A)."""
+        return sde_log_prob(self.velocity, self.sigma, chain, z, s, self.cfg.logprob_reduce, self.cfg.backend,
+                            per_element)
+
+    def restart_sigma(self, sigma_min: float = 0.0, sigma_max: float = 0.0, sigma_init: float = 0.0) -> None:
+        """Stage II: give the Sigma Net new bounds (both > 0) and / or restart it at sigma_init for every input
+        (0: keep). New bounds without sigma_init start it at their geometric mean, the value the release's
+        tanh-squashed log-std takes at a zero output (sqrt(0.08 * 0.2) = 0.126). cfg follows, so checkpoints
+        rebuild the same net."""
+        lo, hi = (sigma_min, sigma_max) if sigma_min > 0 or sigma_max > 0 else (self.cfg.sigma_min, self.cfg.sigma_max)
+        init = sigma_init if sigma_init > 0 else (math.sqrt(lo * hi) if sigma_min > 0 or sigma_max > 0 else 0.0)
+        if init <= 0:
+            return
+        self.sigma_net.set_bounds(lo, hi)  # checks 0 < lo < hi
+        self.sigma_net.reset_sigma(init)   # checks lo < init < hi
+        self.cfg.sigma_min, self.cfg.sigma_max, self.cfg.sigma_init = lo, hi, init
 
     @torch.no_grad()
     def act(self, image, instruction, proprio, num_steps: int | None = None, generator=None) -> torch.Tensor:

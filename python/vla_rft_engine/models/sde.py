@@ -6,6 +6,9 @@ K Euler steps of size delta = 1/K integrate tau from 0 (noise, a_0 ~ N(0, I)) to
 Rollout log-prob (Eq. 8): lbar = mean_k log p(a_{k+1} | a_k) ('sum' as in the authors' code), each
 term summed over the chunk and action dims. Entropy per step: sum over dims of log sigma + 0.5 log(2 pi e),
 then averaged over the K steps (same reduction scale as lbar).
+Per action element (sde_log_prob(per_element=True), the release's GRPO granularity): each element's
+log-density reduced over the K steps the same way, and its entropy summed over the K steps / (K + 1)
+(the release divides by the chain's K + 1 points).
 
 `velocity` and `sigma` are callables (z, s, a, tau) -> (B, T, A) (FlowHead / SigmaNet). z is given
 per START STATE (B, Z) and expanded (a view, no copy) over the N samples, so the encoder never runs
@@ -19,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..kernels.sde_euler_step import euler_step
+from ..kernels.sde_euler_step import HALF_LOG_2PIE, LOG_2PI, compute_dtype, euler_step
 from ..kernels.sde_log_prob import sde_log_prob as fused_log_prob
 from ..utils import nvtx_range
 
@@ -117,12 +120,23 @@ def sde_sample(velocity: Net, sigma: Net, z, s, chunk_shape: tuple[int, int], nu
                      sigmas=torch.stack(sigs, 1).view(B, N, K, T, A))
 
 
+def element_log_prob(x, a, v, sigma, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element Gaussian log-density of x ~ N(a + delta v, sigma^2) and entropy, unsummed (autograd)."""
+    cd = compute_dtype(x.dtype)
+    x, a, v, sigma = (t.to(cd) for t in (x, a, v, sigma))
+    log_s = torch.log(sigma)
+    r = (x - (a + delta * v)) / sigma
+    return -0.5 * r * r - log_s - 0.5 * LOG_2PI, log_s + HALF_LOG_2PIE
+
+
 def sde_log_prob(velocity: Net, sigma: Net, chain: torch.Tensor, z, s, reduce: str = "mean",
-                 backend: str = "auto") -> dict[str, torch.Tensor]:
+                 backend: str = "auto", per_element: bool = False) -> dict[str, torch.Tensor]:
     """Recompute the chain's log-probs with gradients (all K steps in one batched network call).
 
     chain (B, N, K+1, T, A) -> dict(log_prob (B, N), step_log_probs (B, N, K), entropy (B, N),
     step_entropy (B, N, K)). Gradients reach velocity's and sigma's parameters (and z if it needs them).
+    per_element: computed per element (eager torch, not the fused kernel), adding element_log_prob
+    (B, N, T, A) (reduced over the K steps) and element_entropy (B, N, T, A) (summed over the K steps / (K+1)).
     """
     _check_cond(z, s)
     if chain.dim() != 5 or chain.shape[0] != z.shape[0] or chain.shape[2] < 2:
@@ -138,7 +152,13 @@ def sde_log_prob(velocity: Net, sigma: Net, chain: torch.Tensor, z, s, reduce: s
     zz, ss = _expand(z, N * K), _expand(s, N * K)
     v = velocity(zz, ss, a_prev, tau)
     sig = sigma(zz, ss, a_prev, tau)
-    lp, ent = fused_log_prob(x, a_prev, v, sig, delta, backend=backend)
-    step_lp, step_ent = lp.view(B, N, K), ent.view(B, N, K)
+    if per_element:
+        lp_e, ent_e = (t.view(B, N, K, T, A) for t in element_log_prob(x, a_prev, v, sig, delta))
+        step_lp, step_ent = lp_e.sum((3, 4)), ent_e.sum((3, 4))
+        extra = {"element_log_prob": reduce_steps(lp_e.movedim(2, -1), reduce),
+                 "element_entropy": ent_e.sum(2) / (K + 1)}
+    else:
+        lp, ent = fused_log_prob(x, a_prev, v, sig, delta, backend=backend)
+        step_lp, step_ent, extra = lp.view(B, N, K), ent.view(B, N, K), {}
     return {"log_prob": reduce_steps(step_lp, reduce), "step_log_probs": step_lp,
-            "entropy": step_ent.mean(-1), "step_entropy": step_ent}
+            "entropy": step_ent.mean(-1), "step_entropy": step_ent, **extra}

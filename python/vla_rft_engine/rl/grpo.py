@@ -7,9 +7,24 @@
 
 The release gates the flow-MSE weight by the measured KL between old and new policy,
 lambda_mse = coef * clamp((kl - kl_low) / (kl_high - kl_low), 0, 1) with kl_low 0, kl_high 0.2, so the
-anchor to the dataset actions switches on as the policy drifts (mse_kl_gate=True). The KL is the k3
-estimator (Schulman 2020) of KL(pi_old || pi_new) from rollouts sampled by pi_old:
-    k3 = E[(r - 1) - log r],  log r = lbar_new - lbar_old   (unbiased, always >= 0 per sample).
+anchor to the dataset actions switches on as the policy drifts (mse_kl_gate=True). The KL estimate of
+KL(pi_old || pi_new) from rollouts sampled by pi_old (Schulman 2020), log r = l_new - l_old:
+    k3 = E[(r - 1) - log r]   (default: unbiased, >= 0 per sample)
+    k1 = E[-log r] = E[l_old - l_new]   (the release's, per action element: mse_kl_estimator="k1")
+
+The release's other loss options (all off by default):
+  dual-clip PPO (Ye et al. 2020, clip_ratio_c = c > 1, release 3): for Adv < 0 the per-sample loss
+      -min(r Adv, clip(r) Adv) is capped at -c Adv, so one huge ratio cannot dominate the batch.
+  ratio_level="element": one ratio per action element (chunk step x action dim): l_e = the element's
+      Gaussian log-density reduced over the K steps (logprob_reduce; the release sums), the loss averaged
+      over the S*N*T*A elements, the entropy per element = sum over the K steps / (K + 1) (the release's
+      normalisation). "rollout" (default): one ratio per rollout from Eq. 8's lbar, and H(pi) per rollout =
+      the per-step entropy summed over the T*A elements, averaged over the K steps.
+  Table 7's alpha = 0.003 and lambda_mse = 0.01 were tuned under the release's normalisation (per element).
+  Per rollout the entropy term is T*A*(K+1)/K times larger (62x for LIBERO's 8 x 7 chunks, K = 10) next to
+  a policy-gradient term of about the same size. The presets: `--config paper` (configs/paper.yaml) uses
+  the per-rollout normalisation, `--config release` (configs/release.yaml) the per-element one, for which
+  Table 7's coefficients were tuned.
 """
 from __future__ import annotations
 
@@ -18,6 +33,8 @@ from dataclasses import dataclass
 import torch
 
 POLICY_LOSSES = ("clip", "ppo")
+RATIO_LEVELS = ("rollout", "element")
+KL_ESTIMATORS = ("k3", "k1")
 
 
 @dataclass
@@ -31,14 +48,18 @@ class GRPOConfig:
     rollouts: int = 16               # Table 7 rollout times (group size N)
     clip_eps: float = 0.2            # release (paper: symbol only)
     policy_loss: str = "clip"        # "clip": Eq. 13 as written; "ppo": the release's min form
+    clip_ratio_c: float | None = 0.0  # > 1: dual-clip PPO for Adv < 0 (release 3); 0 / null: off (Eq. 13)
+    ratio_level: str = "rollout"     # rollout: Eq. 9 per rollout; element: ratio and entropy per action element (release)
     normalize_adv_std: bool = False  # False: Eq. 12; True: the release's std-normalised GRPO
     adv_eps: float = 1e-6            # release
     mse_kl_gate: bool = False        # True: the release's KL-gated MSE weight
     mse_kl_low: float = 0.0          # release
     mse_kl_high: float = 0.2         # release
+    mse_kl_estimator: str = "k3"     # KL that gates the MSE: k3 (unbiased, >= 0); k1 = mean(old - new) (release)
     ppo_epochs: int = 1              # release (verl default)
     minibatches: int = 1             # release: ppo_mini_batch_size 16 == train batch 16
     warmup_steps: int = 10           # release: lr_warmup_steps=10 (linear, then constant)
+    warmup_sigma: bool = True        # the Sigma Net's lr warms up too; false: the action head's only (release)
     grad_clip: float = 1.0           # release (verl default)
     logprob_reduce: str = "mean"     # Eq. 8 (the release sums over steps)
 
@@ -47,6 +68,12 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
         if self.logprob_reduce not in ("mean", "sum"):
             raise ValueError(f"GRPOConfig.logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
+        if self.ratio_level not in RATIO_LEVELS:
+            raise ValueError(f"GRPOConfig.ratio_level must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
+        if self.mse_kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"GRPOConfig.mse_kl_estimator must be one of {KL_ESTIMATORS}, got {self.mse_kl_estimator!r}")
+        if self.clip_ratio_c and not self.clip_ratio_c > 1:
+            raise ValueError(f"GRPOConfig.clip_ratio_c must be > 1 (dual-clip PPO) or 0 / null (off), got {self.clip_ratio_c}")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"GRPOConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
         if self.rollouts < 2:
@@ -90,6 +117,15 @@ def approx_kl(logp_new: torch.Tensor, logp_old: torch.Tensor) -> torch.Tensor:
     return (torch.exp(log_r) - 1 - log_r).mean()
 
 
+def policy_kl(logp_new: torch.Tensor, logp_old: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """KL(pi_old || pi_new) estimate: k3 (approx_kl) or k1 = mean(l_old - l_new) (the release's gate)."""
+    if estimator == "k3":
+        return approx_kl(logp_new, logp_old)
+    if estimator == "k1":
+        return (logp_old - logp_new).mean()
+    raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
 def kl_gated_weight(kl, coef: float = 0.01, kl_low: float = 0.0, kl_high: float = 0.2) -> torch.Tensor:
     """The release's MSE weight: coef * clamp((kl - kl_low) / (kl_high - kl_low), 0, 1)."""
     kl = torch.as_tensor(kl, dtype=torch.float32)
@@ -99,34 +135,45 @@ def kl_gated_weight(kl, coef: float = 0.01, kl_low: float = 0.0, kl_high: float 
 def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
               entropy: torch.Tensor | None = None, mse: torch.Tensor | None = None,
               cfg: GRPOConfig | None = None, kl: float | torch.Tensor | None = None):
-    """Eq. 13. logp_new (differentiable), logp_old, advantages: same shape (one entry per rollout; E = mean).
-    entropy: per-rollout (or scalar) policy entropy H(pi); mse: the auxiliary flow-matching MSE on dataset
-    actions (Eq. 4). kl: measured KL for the MSE gate; None -> the k3 estimate from this batch.
+    """Eq. 13. logp_new (differentiable), logp_old: one entry per rollout, shaped like advantages (E = mean);
+    with cfg.ratio_level="element", one per action element: advantages' shape + (T, A), Adv broadcast over
+    the rollout's elements and E = the mean over all elements. entropy: per rollout / per element (or scalar)
+    policy entropy H(pi); mse: the auxiliary flow-matching MSE on dataset actions (Eq. 4). kl: measured KL
+    for the MSE gate; None -> cfg.mse_kl_estimator's estimate from this batch.
     Returns (loss, metrics dict of floats)."""
     cfg = cfg or GRPOConfig()
     if cfg.policy_loss not in POLICY_LOSSES:
         raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {cfg.policy_loss!r}")
-    if not (logp_new.shape == logp_old.shape == advantages.shape):
+    per_elem = cfg.ratio_level == "element"
+    lead = logp_new.shape[:advantages.dim()] if per_elem else logp_new.shape
+    if not (logp_new.shape == logp_old.shape and lead == advantages.shape):
         raise ValueError(f"logp_new {tuple(logp_new.shape)}, logp_old {tuple(logp_old.shape)} and advantages "
-                         f"{tuple(advantages.shape)} must have one shape (one entry per rollout)")
+                         f"{tuple(advantages.shape)} must have one shape (one entry per rollout"
+                         f"{'; per element: advantages shape + (T, A)' if per_elem else ''})")
     if logp_new.numel() == 0:
         raise ValueError("grpo_loss got an empty batch")
     for t, n in ((logp_new, "logp_new"), (logp_old, "logp_old"), (advantages, "advantages")):
         _finite(t.detach(), n)
     logp_old, adv = logp_old.detach(), advantages.detach()  # constants of the update
+    if adv.dim() < logp_new.dim():  # per element: the rollout's Adv on each of its elements
+        adv = adv.reshape(*adv.shape, *[1] * (logp_new.dim() - adv.dim())).expand_as(logp_new)
 
     eps = cfg.clip_eps
     ratio = rollout_ratio(logp_new, logp_old)
     clipped = ratio.clamp(1 - eps, 1 + eps)
-    if cfg.policy_loss == "clip":
-        pg = -(clipped * adv).mean()
-    else:
-        pg = -torch.minimum(ratio * adv, clipped * adv).mean()
+    surr = clipped * adv if cfg.policy_loss == "clip" else torch.minimum(ratio * adv, clipped * adv)
+    dual = None
+    if cfg.clip_ratio_c:  # dual-clip: loss capped at -c Adv where Adv < 0
+        dual = (adv < 0) & (surr < cfg.clip_ratio_c * adv)
+        surr = torch.where(adv < 0, torch.maximum(surr, cfg.clip_ratio_c * adv), surr)
+    pg = -surr.mean()
     loss = pg
 
     with torch.no_grad():
         kl_est = approx_kl(logp_new.detach(), logp_old)
-    kl_used = kl_est if kl is None else torch.as_tensor(kl, dtype=torch.float32)
+        kl_k1 = policy_kl(logp_new.detach(), logp_old, "k1")
+    kl_batch = kl_est if cfg.mse_kl_estimator == "k3" else kl_k1
+    kl_used = kl_batch if kl is None else torch.as_tensor(kl, dtype=torch.float32)
 
     mse_val, mse_w = torch.zeros(()), torch.zeros(())
     if mse is not None:
@@ -151,6 +198,9 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
             # fraction of rollouts whose ratio left [1-eps, 1+eps] (their policy gradient is cut)
             "clip_frac": float(((r < 1 - eps) | (r > 1 + eps)).float().mean()),
             "approx_kl_k3": float(kl_est),
+            "approx_kl_k1": float(kl_k1),
+            # fraction of samples whose loss the dual clip capped (0 when off)
+            "dual_clip_frac": float(dual.float().mean()) if dual is not None else 0.0,
             "entropy": float(ent_val.detach()),
             "adv_mean": float(adv.float().mean()),
             "adv_std": float(adv.float().std()) if adv.numel() > 1 else 0.0,
@@ -164,6 +214,14 @@ def warmup_factor(step: int, cfg: GRPOConfig | None = None) -> float:
     """LR multiplier: linear warmup over cfg.warmup_steps, then constant (for LambdaLR)."""
     cfg = cfg or GRPOConfig()
     return 1.0 if cfg.warmup_steps <= 0 else min(1.0, (step + 1) / cfg.warmup_steps)
+
+
+def lr_lambdas(cfg: GRPOConfig | None = None):
+    """LambdaLR's lr_lambda for optimizer_param_groups' two groups: one warm-up for both, or (warmup_sigma
+    false, the release) the action head's warm-up and a constant Sigma Net lr."""
+    cfg = cfg or GRPOConfig()
+    head = lambda i: warmup_factor(i, cfg)
+    return head if cfg.warmup_sigma else [head, lambda i: 1.0]
 
 
 def optimizer_param_groups(head_params, sigma_params, cfg: GRPOConfig | None = None) -> list[dict]:

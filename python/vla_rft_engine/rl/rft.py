@@ -41,7 +41,7 @@ from ..config import ConfigError, Diverged, UserError, save_config, to_dict
 from ..metrics import spearman
 from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range
 from .. import distributed as du
-from .grpo import approx_kl, group_advantage, grpo_loss, optimizer_param_groups, warmup_factor
+from .grpo import group_advantage, grpo_loss, lr_lambdas, optimizer_param_groups, policy_kl
 from .rewards import verified_reward
 from .rft_config import CKPT_FORMAT, RFTConfig, config_hash, hashed_fields
 
@@ -49,16 +49,20 @@ PHASES = ("encode", "sde", "wm_rollout", "reward", "update")
 
 
 class PolicyHeads(nn.Module):
-    """The trainable part (action head + Sigma Net) as one module, so DDP / FSDP2 wrap exactly it."""
+    """The trainable part (action head + Sigma Net) as one module, so DDP / FSDP2 wrap exactly it.
+    per_element (grpo.ratio_level=element): log-probs and entropies per action element, not per rollout."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, per_element: bool = False):
         super().__init__()
         self.flow_head, self.sigma_net = policy.flow_head, policy.sigma_net
         self.__dict__["policy"] = policy  # not a submodule: the frozen encoder stays out of DDP/FSDP
+        self.per_element = per_element
 
     def forward(self, chain, z, s, actions=None, tau=None, noise=None):
-        out = self.policy.log_prob(chain, z, s)
+        out = self.policy.log_prob(chain, z, s, per_element=self.per_element)
         mse = None if actions is None else self.policy.flow_loss(z, s, actions, tau=tau, noise=noise, reduction="none")
+        if self.per_element:
+            return out["element_log_prob"], out["element_entropy"], mse
         return out["log_prob"], out["entropy"], mse
 
 
@@ -87,11 +91,11 @@ class RFTRun:
         policy.cfg.logprob_reduce = g.logprob_reduce
         policy.encoder.requires_grad_(False)  # frozen in Stage II (VLM frozen)
         policy.eval()  # no dropout: sampling and the update see the same networks
-        self.heads = du.wrap(PolicyHeads(policy), d, cfg.distributed)
+        self.heads = du.wrap(PolicyHeads(policy, g.ratio_level == "element"), d, cfg.distributed)
         base = du.unwrap(self.heads)
         self.opt = torch.optim.AdamW(optimizer_param_groups(base.flow_head.parameters(), base.sigma_net.parameters(),
                                                             g), weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: warmup_factor(i, g))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambdas(g))
         self.params = [p for grp in self.opt.param_groups for p in grp["params"]]
         self.phase_mem: dict | None = None  # bench: set to {} to record CUDA peak bytes per phase
 
@@ -192,7 +196,7 @@ class RFTRun:
                 sel = torch.tensor([i for i in range(L) if (first + i) % g.minibatches == m], device=adv.device)
                 lp, ent, mse = self.heads(roll["chain"][sel], roll["z"][sel], roll["s"][sel], roll["ref_norm"][sel],
                                           roll["tau"][sel, e], roll["noise"][sel, e])
-                kl = du.scalar_mean(d, approx_kl(lp.detach(), old[sel])) if g.mse_kl_gate else None
+                kl = du.scalar_mean(d, policy_kl(lp.detach(), old[sel], g.mse_kl_estimator)) if g.mse_kl_gate else None
                 loss, met = grpo_loss(lp, old[sel], adv[sel], entropy=ent, mse=mse, cfg=g, kl=kl)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -201,8 +205,8 @@ class RFTRun:
                     raise Diverged(f"non-finite gradient norm {float(gn)} in the GRPO update; nothing from this step "
                                    "was applied or saved: lower grpo.lr / grpo.sigma_lr and resume")
                 self.opt.step()
-                for key in ("loss", "pg_loss", "ratio_mean", "clip_frac", "approx_kl_k3", "entropy", "mse",
-                            "mse_weight"):
+                for key in ("loss", "pg_loss", "ratio_mean", "clip_frac", "approx_kl_k3", "approx_kl_k1", "entropy",
+                            "mse", "mse_weight", "dual_clip_frac"):
                     sums[key] += met[key]
                 sums["grad_norm"] += float(gn)
                 n += 1
@@ -258,11 +262,13 @@ class RFTRun:
         if ck.get("format") != CKPT_FORMAT:
             raise ValueError(f"{path} is not an RFT checkpoint (format={ck.get('format')!r})")
         if ck.get("config_hash") != config_hash(self.cfg):
+            # settings added since the checkpoint was written read as their defaults (which keep the old behaviour)
             old, new = hashed_fields(_cfg_from(ck["config"])), hashed_fields(self.cfg)
             diff = [f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in sorted(set(old) | set(new))
                     if old.get(k) != new.get(k)]
-            raise ConfigError(f"{path} was written by a run with a different config ({'; '.join(diff) or 'hash'}); "
-                              "use a new out_dir, resume=false, or the checkpoint's settings")
+            if diff:
+                raise ConfigError(f"{path} was written by a run with a different config ({'; '.join(diff)}); "
+                                  "use a new out_dir, resume=false, or the checkpoint's settings")
         du.load_full_state(self.policy, self.opt, du.unwrap(self.heads), self.cfg.distributed, self.d,
                            ck["model"], ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -285,8 +291,8 @@ def build(cfg: RFTConfig, d: du.Dist) -> RFTRun:
         cfg.wm_dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     world = load_world(cfg, dev, dtype)
     policy = load_sft_policy(cfg.policy, dev)
-    if cfg.sigma_init > 0:  # before the optimizer and any resume: a resumed run loads its trained Sigma Net over it
-        policy.sigma_net.reset_sigma(cfg.sigma_init)
+    # before the optimizer and any resume (a resumed run loads its trained Sigma Net over it)
+    policy.restart_sigma(cfg.sigma_min, cfg.sigma_max, cfg.sigma_init)
     from ..data.demos import load_demos
     pool = StartStates(load_demos(require(cfg.demos, "demos")), policy.cfg.chunk_len, world.image_size)
     lp = None

@@ -26,6 +26,8 @@ class RFTConfig:
     action_ranges: str = ""        # or an ActionDiscretizer json (default: WORLD_MODEL/action_ranges.json)
     seed: int = 0
     sigma_init: float = 0.0        # > 0: restart the Sigma Net at this std (normalised units); 0: the checkpoint's
+    sigma_min: float = 0.0         # > 0 with sigma_max: new Sigma Net bounds (release 0.08-0.2; then sigma_init
+    sigma_max: float = 0.0         # 0 = their geometric mean, ~0.13); 0: the checkpoint's
     states_per_block: int = 1      # start states per RNG stream / WM call; must divide S / world_size
     wm_temperature: float = 1.0    # release
     wm_top_p: float = 0.8          # release
@@ -36,7 +38,7 @@ class RFTConfig:
     wm_attn_backend: str = ""      # "" = the model's default (auto: triton on CUDA, the CPU decode path on CPU)
     noise_rows: int = 2            # extra rollouts re-sampling chunk 0: the reward std they show is world-model
                                    # noise, logged beside the in-group std (signal/*); 0 = off
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0      # AdamW, action head and Sigma Net (release 0.01 for both)
     max_flat_steps: int = 5        # stop after this many steps in a row with equal rewards in every group (0: never)
     stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
     log_every: int = 1
@@ -56,6 +58,14 @@ class RFTConfig:
             self.reward.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if (self.sigma_min > 0) != (self.sigma_max > 0) or 0 < self.sigma_max <= self.sigma_min:
+            raise ConfigError(f"sigma_min and sigma_max: set both (0 < sigma_min < sigma_max) or neither, got "
+                              f"{self.sigma_min}, {self.sigma_max}")
+        if self.sigma_min > 0 and self.sigma_init > 0 and not self.sigma_min < self.sigma_init < self.sigma_max:
+            raise ConfigError(f"sigma_init={self.sigma_init} must lie inside (sigma_min, sigma_max) = "
+                              f"({self.sigma_min}, {self.sigma_max})")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.noise_rows < 0:
             raise ConfigError(f"noise_rows must be >= 0, got {self.noise_rows}")
         if self.states_per_block < 1:

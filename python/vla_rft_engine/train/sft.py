@@ -26,7 +26,7 @@ import torch
 from .. import distributed as du
 from ..cli import parse_command
 from ..config import ConfigError, check_resume_config, from_dict, save_config, to_dict
-from ..models.policy import PolicyConfig, VLAPolicy
+from ..models.policy import FLOW_TAU, PolicyConfig, VLAPolicy
 from ..utils import (load_weights, save_weights, RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint,
                      resolve_device, seed_everything)
 
@@ -50,8 +50,8 @@ class SFTConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     grad_clip: float = 1.0
-    tau_alpha: float = 1.0         # tau ~ Beta(1, 1.5): pi0's noise-heavy weighting (see policy.flow_loss)
-    tau_beta: float = 1.5
+    tau_alpha: float = FLOW_TAU[0]  # tau ~ Beta(1, 1.5): pi0's noise-heavy weighting (see policy.flow_loss); RFT's
+    tau_beta: float = FLOW_TAU[1]   # flow MSE draws tau from the same law (the checkpoint carries it)
     log_every: int = 10
     eval_every: int = 250
     eval_max: int = 512            # val samples per evaluation
@@ -203,7 +203,7 @@ def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
     policy = VLAPolicy(from_dict(PolicyConfig, pc))
     policy.load_state_dict(sd)
     cfg = ck.get("config") or {}
-    policy.flow_tau = tuple(ck.get("flow_tau") or (cfg.get("tau_alpha", 1.0), cfg.get("tau_beta", 1.5)))
+    policy.flow_tau = tuple(ck.get("flow_tau") or (cfg.get("tau_alpha", FLOW_TAU[0]), cfg.get("tau_beta", FLOW_TAU[1])))
     return policy.to(device).eval()
 
 
