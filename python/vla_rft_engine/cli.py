@@ -24,6 +24,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# each command's config class (module:name), importable without torch: arguments are checked, and --help
+# answered, before the command's own module (and torch) is imported
+CONFIGS: dict[str, str] = {
+    "pretrain-tokenizer": "vla_rft_engine.train.tokenizer_config:TokenizerTrainConfig",
+    "pretrain-wm": "vla_rft_engine.train.world_model_config:WMTrainConfig",
+    "wm-eval": "vla_rft_engine.train.wm_eval_config:WMEvalConfig",
+    "sft": "vla_rft_engine.train.sft_config:SFTConfig",
+    "rft": "vla_rft_engine.rl.rft_config:RFTConfig",
+    "quickstart": "vla_rft_engine.quickstart_config:QuickstartConfig",
+    "export": "vla_rft_engine.export.command:ExportConfig",
+}
+
+
 def usage() -> str:
     w = max(len(c) for c in COMMANDS)
     from .config import preset_names
@@ -46,16 +59,31 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{near[0]}'?" if near else ""
         print(f"vla-rft: unknown command '{cmd}'.{hint}\n\n{usage()}", file=sys.stderr)
         return 2
-    mod = importlib.import_module(COMMANDS[cmd][0])
     from .config import UserError
     try:
-        return int(mod.main(rest) or 0)
+        if cmd in CONFIGS and _check_args(cmd, rest):  # --help was answered
+            return 0
+        return int(importlib.import_module(COMMANDS[cmd][0]).main(rest) or 0)
     except (UserError, FileNotFoundError, ValueError, FloatingPointError) as e:  # config, files, data, NaN: user-fixable
         if os.environ.get("VLA_RFT_DEBUG"):
             raise
         hint = "" if isinstance(e, UserError) else " (VLA_RFT_DEBUG=1 shows the traceback)"
         print(f"vla-rft {cmd}: {_one_line(e)}{hint}", file=sys.stderr)
         return 2
+
+
+def _check_args(cmd: str, argv: list[str]) -> bool:
+    """Parse and validate `cmd`'s arguments with its config class alone (a ConfigError says what is wrong);
+    True when --help was asked and printed."""
+    from .config import load_config
+    mod, name = CONFIGS[cmd].split(":")
+    cls = getattr(importlib.import_module(mod), name)
+    path, over, want_help = split_args(cls.expand_argv(argv) if hasattr(cls, "expand_argv") else argv)
+    if want_help:
+        print_config_help(cmd, cls() if path is None else load_config(cls, path, command=cmd))
+        return True
+    load_config(cls, path, over, command=cmd)
+    return False
 
 
 def _one_line(e: BaseException) -> str:

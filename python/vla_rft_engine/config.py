@@ -16,6 +16,7 @@ from typing import Any, Iterable, TypeVar
 
 import yaml
 
+WRAPS = ("ddp", "fsdp2")  # multi-process wrappers of a trainable model (distributed.wrap)
 T = TypeVar("T")
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-WRAPS = ("ddp", "fsdp2")
+from .config import WRAPS
 
 
 @dataclass

@@ -28,61 +28,11 @@ The release's other loss options (all off by default):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
-POLICY_LOSSES = ("clip", "ppo")
-RATIO_LEVELS = ("rollout", "element")
-KL_ESTIMATORS = ("k3", "k1")
+from .rft_config import KL_ESTIMATORS, POLICY_LOSSES, GRPOConfig
 
-
-@dataclass
-class GRPOConfig:
-    lr: float = 1e-6                 # Table 7, action head
-    sigma_lr: float = 1e-5           # Table 7, Sigma Net
-    mse_coef: float = 0.01           # Table 7, lambda_mse
-    entropy_coef: float = 0.003      # Table 7, alpha
-    steps: int = 400                 # Table 7
-    task_instances: int = 16         # Table 7 batch size (start states S per step)
-    rollouts: int = 16               # Table 7 rollout times (group size N)
-    clip_eps: float = 0.2            # release (paper: symbol only)
-    policy_loss: str = "clip"        # "clip": Eq. 13 as written; "ppo": the release's min form
-    clip_ratio_c: float | None = 0.0  # > 1: dual-clip PPO for Adv < 0 (release 3); 0 / null: off (Eq. 13)
-    ratio_level: str = "rollout"     # rollout: Eq. 9 per rollout; element: ratio and entropy per action element (release)
-    normalize_adv_std: bool = False  # False: Eq. 12; True: the release's std-normalised GRPO
-    adv_eps: float = 1e-6            # release
-    mse_kl_gate: bool = False        # True: the release's KL-gated MSE weight
-    mse_kl_low: float = 0.0          # release
-    mse_kl_high: float = 0.2         # release
-    mse_kl_estimator: str = "k3"     # KL that gates the MSE: k3 (unbiased, >= 0); k1 = mean(old - new) (release)
-    ppo_epochs: int = 1              # release (verl default)
-    minibatches: int = 1             # release: ppo_mini_batch_size 16 == train batch 16
-    warmup_steps: int = 10           # release: lr_warmup_steps=10 (linear, then constant)
-    warmup_sigma: bool = True        # the Sigma Net's lr warms up too; false: the action head's only (release)
-    grad_clip: float = 1.0           # release (verl default)
-    logprob_reduce: str = "mean"     # Eq. 8 (the release sums over steps)
-
-    def validate(self) -> None:
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"GRPOConfig.policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
-        if self.logprob_reduce not in ("mean", "sum"):
-            raise ValueError(f"GRPOConfig.logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
-        if self.ratio_level not in RATIO_LEVELS:
-            raise ValueError(f"GRPOConfig.ratio_level must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
-        if self.mse_kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"GRPOConfig.mse_kl_estimator must be one of {KL_ESTIMATORS}, got {self.mse_kl_estimator!r}")
-        if self.clip_ratio_c and not self.clip_ratio_c > 1:
-            raise ValueError(f"GRPOConfig.clip_ratio_c must be > 1 (dual-clip PPO) or 0 / null (off), got {self.clip_ratio_c}")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"GRPOConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.rollouts < 2:
-            raise ValueError(f"GRPO needs N >= 2 rollouts per group, got rollouts={self.rollouts}")
-        if self.mse_kl_high <= self.mse_kl_low:
-            raise ValueError(f"mse_kl_high ({self.mse_kl_high}) must exceed mse_kl_low ({self.mse_kl_low})")
-        for name in ("ppo_epochs", "minibatches", "steps", "task_instances"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _finite(t: torch.Tensor, name: str) -> None:

@@ -20,40 +20,12 @@ Rewards are measurements, not differentiated: computed under no_grad.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from .lpips import LPIPS, get_lpips
+from .rft_config import AGGREGATIONS, PIXEL_LOSSES, RewardConfig
 
-DESIGNS = ("r1", "r2", "r3")
-AGGREGATIONS = ("sum", "mean", "last", "discount")
-PIXEL_LOSSES = ("l1", "mse")
-
-
-@dataclass
-class RewardConfig:
-    design: str = "r3"            # paper's method (Table 4)
-    lambda_1: float = 1.0         # paper: symbol only; release LIBERO script: loss_weight.mae=1
-    lambda_lp: float = 1.0        # paper: symbol only; release LIBERO script: loss_weight.lpips=1
-    pixel_loss: str = "l1"        # Eq. 11; release: loss_weight.mse=0
-    lpips_net: str = "alex"       # lpips package default
-    aggregation: str = "sum"      # Eq. 11; the release's LIBERO script sets mean
-    gamma: float = 0.95           # release LIBERO script (msp_reward_discount)
-    allow_l1_only_fallback: bool = False  # missing LPIPS weights: error unless this is set
-    lpips_backbone_path: str | None = None
-    lpips_heads_path: str | None = None
-
-    def validate(self) -> None:
-        for name, val, ok in (("design", self.design, DESIGNS), ("aggregation", self.aggregation, AGGREGATIONS),
-                              ("pixel_loss", self.pixel_loss, PIXEL_LOSSES), ("lpips_net", self.lpips_net,
-                                                                              ("alex", "vgg"))):
-            if val not in ok:
-                raise ValueError(f"RewardConfig.{name} must be one of {ok}, got {val!r}")
-        if self.lambda_1 < 0 or self.lambda_lp < 0:
-            raise ValueError(f"reward weights must be >= 0, got lambda_1={self.lambda_1}, lambda_lp={self.lambda_lp}")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"RewardConfig.gamma must be in (0, 1], got {self.gamma}")
 
 
 def frame_weights(T: int, aggregation: str = "sum", gamma: float = 0.95, device=None) -> torch.Tensor:

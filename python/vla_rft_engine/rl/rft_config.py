@@ -1,18 +1,95 @@
-"""`vla-rft rft`'s config and the hash a resumed run must match (see rl/rft.py)."""
+"""Stage II settings: `vla-rft rft`'s config with its GRPO (rl/grpo.py) and verified-reward (rl/rewards.py)
+parts, and the hash a resumed run must match (see rl/rft.py). No torch import: the CLI checks them fast."""
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, flat_dict, to_dict
-from .. import distributed as du
-from .grpo import GRPOConfig
-from .rewards import RewardConfig
+from ..config import WRAPS, ConfigError, flat_dict, to_dict
 
 RUNTIME_KEYS = {"out_dir", "stop_at", "log_every", "ckpt_every", "image_every", "resume", "progress", "device",
                 "grpo.steps", "profile", "max_flat_steps"}  # may change between a run and its resume
 CKPT_FORMAT = "vla-rft-rft/1"
+POLICY_LOSSES = ("clip", "ppo")
+RATIO_LEVELS = ("rollout", "element")
+KL_ESTIMATORS = ("k3", "k1")
+DESIGNS = ("r1", "r2", "r3")
+AGGREGATIONS = ("sum", "mean", "last", "discount")
+PIXEL_LOSSES = ("l1", "mse")
+
+
+@dataclass
+class GRPOConfig:
+    lr: float = 1e-6                 # Table 7, action head
+    sigma_lr: float = 1e-5           # Table 7, Sigma Net
+    mse_coef: float = 0.01           # Table 7, lambda_mse
+    entropy_coef: float = 0.003      # Table 7, alpha
+    steps: int = 400                 # Table 7
+    task_instances: int = 16         # Table 7 batch size (start states S per step)
+    rollouts: int = 16               # Table 7 rollout times (group size N)
+    clip_eps: float = 0.2            # release (paper: symbol only)
+    policy_loss: str = "clip"        # "clip": Eq. 13 as written; "ppo": the release's min form
+    clip_ratio_c: float | None = 0.0  # > 1: dual-clip PPO for Adv < 0 (release 3); 0 / null: off (Eq. 13)
+    ratio_level: str = "rollout"     # rollout: Eq. 9 per rollout; element: ratio and entropy per action element (release)
+    normalize_adv_std: bool = False  # False: Eq. 12; True: the release's std-normalised GRPO
+    adv_eps: float = 1e-6            # release
+    mse_kl_gate: bool = False        # True: the release's KL-gated MSE weight
+    mse_kl_low: float = 0.0          # release
+    mse_kl_high: float = 0.2         # release
+    mse_kl_estimator: str = "k3"     # KL that gates the MSE: k3 (unbiased, >= 0); k1 = mean(old - new) (release)
+    ppo_epochs: int = 1              # release (verl default)
+    minibatches: int = 1             # release: ppo_mini_batch_size 16 == train batch 16
+    warmup_steps: int = 10           # release: lr_warmup_steps=10 (linear, then constant)
+    warmup_sigma: bool = True        # the Sigma Net's lr warms up too; false: the action head's only (release)
+    grad_clip: float = 1.0           # release (verl default)
+    logprob_reduce: str = "mean"     # Eq. 8 (the release sums over steps)
+
+    def validate(self) -> None:
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"GRPOConfig.policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
+        if self.logprob_reduce not in ("mean", "sum"):
+            raise ValueError(f"GRPOConfig.logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
+        if self.ratio_level not in RATIO_LEVELS:
+            raise ValueError(f"GRPOConfig.ratio_level must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
+        if self.mse_kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"GRPOConfig.mse_kl_estimator must be one of {KL_ESTIMATORS}, got {self.mse_kl_estimator!r}")
+        if self.clip_ratio_c and not self.clip_ratio_c > 1:
+            raise ValueError(f"GRPOConfig.clip_ratio_c must be > 1 (dual-clip PPO) or 0 / null (off), got {self.clip_ratio_c}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"GRPOConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.rollouts < 2:
+            raise ValueError(f"GRPO needs N >= 2 rollouts per group, got rollouts={self.rollouts}")
+        if self.mse_kl_high <= self.mse_kl_low:
+            raise ValueError(f"mse_kl_high ({self.mse_kl_high}) must exceed mse_kl_low ({self.mse_kl_low})")
+        for name in ("ppo_epochs", "minibatches", "steps", "task_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RewardConfig:
+    design: str = "r3"            # paper's method (Table 4)
+    lambda_1: float = 1.0         # paper: symbol only; release LIBERO script: loss_weight.mae=1
+    lambda_lp: float = 1.0        # paper: symbol only; release LIBERO script: loss_weight.lpips=1
+    pixel_loss: str = "l1"        # Eq. 11; release: loss_weight.mse=0
+    lpips_net: str = "alex"       # lpips package default
+    aggregation: str = "sum"      # Eq. 11; the release's LIBERO script sets mean
+    gamma: float = 0.95           # release LIBERO script (msp_reward_discount)
+    allow_l1_only_fallback: bool = False  # missing LPIPS weights: error unless this is set
+    lpips_backbone_path: str | None = None
+    lpips_heads_path: str | None = None
+
+    def validate(self) -> None:
+        for name, val, ok in (("design", self.design, DESIGNS), ("aggregation", self.aggregation, AGGREGATIONS),
+                              ("pixel_loss", self.pixel_loss, PIXEL_LOSSES), ("lpips_net", self.lpips_net,
+                                                                              ("alex", "vgg"))):
+            if val not in ok:
+                raise ValueError(f"RewardConfig.{name} must be one of {ok}, got {val!r}")
+        if self.lambda_1 < 0 or self.lambda_lp < 0:
+            raise ValueError(f"reward weights must be >= 0, got lambda_1={self.lambda_1}, lambda_lp={self.lambda_lp}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"RewardConfig.gamma must be in (0, 1], got {self.gamma}")
 
 
 @dataclass
@@ -72,8 +149,8 @@ class RFTConfig:
             raise ConfigError(f"states_per_block must be >= 1, got {self.states_per_block}")
         if self.wm_dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"wm_dtype must be auto/fp32/bf16/fp16, got {self.wm_dtype!r}")
-        if self.distributed not in du.WRAPS:
-            raise ConfigError(f"distributed must be one of {du.WRAPS}, got {self.distributed!r}")
+        if self.distributed not in WRAPS:
+            raise ConfigError(f"distributed must be one of {WRAPS}, got {self.distributed!r}")
         if not self.wm_guidance >= 0:
             raise ConfigError(f"wm_guidance must be >= 0 (0 = off), got {self.wm_guidance}")
         if not 0 < self.wm_top_p <= 1 or self.wm_temperature < 0:

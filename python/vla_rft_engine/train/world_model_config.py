@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..config import WRAPS, ConfigError
 
 
 @dataclass
@@ -47,7 +47,7 @@ class WMTrainConfig:
             raise ConfigError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"schedule must be constant or cosine, got {self.schedule!r}")
-        if self.distributed not in ("ddp", "fsdp2"):
-            raise ConfigError(f"distributed must be ddp or fsdp2, got {self.distributed!r}")
+        if self.distributed not in WRAPS:
+            raise ConfigError(f"distributed must be one of {WRAPS}, got {self.distributed!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
