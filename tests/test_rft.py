@@ -84,7 +84,9 @@ def test_short_run_writes_everything(stage, tmp_path):
     assert (tmp_path / "rollouts" / "step_00002.png").is_file() and list((tmp_path / "tb").iterdir())
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     from vla_rft_engine.train.sft import load_policy
-    load_policy(tmp_path / "ckpt.pt")  # the RFT checkpoint is a policy checkpoint too
+    from_ckpt = load_policy(tmp_path / "ckpt.pt")  # the RFT checkpoint is a policy checkpoint too
+    deployed = load_policy(tmp_path)  # ... and policy.safetensors beside it is the same policy, without pickle
+    assert all(torch.equal(v, deployed.state_dict()[k]) for k, v in from_ckpt.state_dict().items())
     # only the action head and the Sigma Net moved; the encoder is frozen
     before, after = torch.load(stage["policy"], weights_only=False)["model"], params(tmp_path / "ckpt.pt")
     moved = {k for k in before if not torch.equal(before[k], after[k])}

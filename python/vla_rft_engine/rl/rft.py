@@ -255,6 +255,8 @@ class RFTRun:
                          "norm_stats": self.policy.norm_stats(), "flow_tau": self.policy.flow_tau, "metrics": history,
                          "rng": {"cpu": torch.get_rng_state(),
                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}, path)
+            from ..train.sft import POLICY_WEIGHTS, save_policy_weights  # the deployable policy, no pickle
+            save_policy_weights(self.policy, path.parent / POLICY_WEIGHTS, step, state=model_sd)
         du.barrier(self.d)
 
     def load(self, path: Path) -> tuple[int, list]:

@@ -136,10 +136,12 @@ def _beta(cfg: SFTConfig, n: int, g: torch.Generator) -> torch.Tensor:
 POLICY_FORMAT, POLICY_WEIGHTS = "vla-rft-policy/1", "policy.safetensors"
 
 
-def save_policy_weights(policy: VLAPolicy, path: str | Path, step: int) -> Path:
-    """The deployable policy alone: weights (normalisation stats included) + config in a safetensors header."""
-    return save_weights(path, policy.state_dict(), {"format": POLICY_FORMAT, "policy_config": to_dict(policy.cfg),
-                                                    "flow_tau": list(policy.flow_tau), "step": step})
+def save_policy_weights(policy: VLAPolicy, path: str | Path, step: int, state: dict | None = None) -> Path:
+    """The deployable policy alone: weights (normalisation stats included) + config in a safetensors header.
+    state: the full state dict when the module's own is sharded (RFT under FSDP2)."""
+    return save_weights(path, state if state is not None else policy.state_dict(),
+                        {"format": POLICY_FORMAT, "policy_config": to_dict(policy.cfg),
+                         "flow_tau": list(policy.flow_tau), "step": step})
 
 
 def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
