@@ -23,12 +23,14 @@ def save_frame_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str
     n = max(r.shape[0] for r in rows)
     H, W = rows[0].shape[1:3]
     lw = 8 + 6 * max(len(s) for s in labels) if labels else 0
-    top = (14 if title else 0) + (12 if col_labels else 0)
-    canvas = Image.new("RGB", (lw + n * (W * scale + pad) + pad, top + len(rows) * (H * scale + pad) + pad),
-                       (255, 255, 255))
+    width = lw + n * (W * scale + pad) + pad
+    import textwrap
+    title_lines = textwrap.wrap(title, max(20, (width - 8) // 6)) if title else []  # the default font: ~6 px/char
+    top = 12 * len(title_lines) + (2 if title_lines else 0) + (12 if col_labels else 0)
+    canvas = Image.new("RGB", (width, top + len(rows) * (H * scale + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 2), title, fill=(0, 0, 0))
+    for i, line in enumerate(title_lines):
+        draw.text((4, 2 + 12 * i), line, fill=(0, 0, 0))
     for j, c in enumerate(col_labels or []):
         draw.text((lw + pad + j * (W * scale + pad) + 2, top - 12), c, fill=(60, 60, 60))
     for i, r in enumerate(rows):

@@ -364,7 +364,10 @@ def save_rollout_png(viz: dict, path: Path) -> None:
     f, R, start = viz["frames"], viz["R"], viz["start"][None]
     best, worst = int(R.argmax()), int(R.argmin())
     save_frame_grid([torch.cat([start, f[-1]]), torch.cat([start, f[best]]), torch.cat([start, f[worst]])], path,
-                    labels=["reference", f"best {R[best]:.3f}", f"worst {R[worst]:.3f}"])
+                    labels=["reference", f"best {R[best]:.3f}", f"worst {R[worst]:.3f}"],
+                    col_labels=["o_0"] + [f"t={t}" for t in range(1, f.shape[1] + 1)],
+                    title=f"{path.stem}: world-model rollouts under the dataset chunk (reference) and the sampled "
+                          "chunks with the highest / lowest verified reward")
 
 
 def main(argv: list[str] | None = None) -> int:

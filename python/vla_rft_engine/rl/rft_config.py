@@ -47,24 +47,24 @@ class GRPOConfig:
 
     def validate(self) -> None:
         if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"GRPOConfig.policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
+            raise ValueError(f"grpo.policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
         if self.logprob_reduce not in ("mean", "sum"):
-            raise ValueError(f"GRPOConfig.logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
+            raise ValueError(f"grpo.logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
         if self.ratio_level not in RATIO_LEVELS:
-            raise ValueError(f"GRPOConfig.ratio_level must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
+            raise ValueError(f"grpo.ratio_level must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
         if self.mse_kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"GRPOConfig.mse_kl_estimator must be one of {KL_ESTIMATORS}, got {self.mse_kl_estimator!r}")
+            raise ValueError(f"grpo.mse_kl_estimator must be one of {KL_ESTIMATORS}, got {self.mse_kl_estimator!r}")
         if self.clip_ratio_c and not self.clip_ratio_c > 1:
-            raise ValueError(f"GRPOConfig.clip_ratio_c must be > 1 (dual-clip PPO) or 0 / null (off), got {self.clip_ratio_c}")
+            raise ValueError(f"grpo.clip_ratio_c must be > 1 (dual-clip PPO) or 0 / null (off), got {self.clip_ratio_c}")
         if not 0 < self.clip_eps < 1:
-            raise ValueError(f"GRPOConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
+            raise ValueError(f"grpo.clip_eps must be in (0, 1), got {self.clip_eps}")
         if self.rollouts < 2:
             raise ValueError(f"GRPO needs N >= 2 rollouts per group, got rollouts={self.rollouts}")
         if self.mse_kl_high <= self.mse_kl_low:
             raise ValueError(f"mse_kl_high ({self.mse_kl_high}) must exceed mse_kl_low ({self.mse_kl_low})")
         for name in ("ppo_epochs", "minibatches", "steps", "task_instances"):
             if getattr(self, name) < 1:
-                raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -85,11 +85,11 @@ class RewardConfig:
                               ("pixel_loss", self.pixel_loss, PIXEL_LOSSES), ("lpips_net", self.lpips_net,
                                                                               ("alex", "vgg"))):
             if val not in ok:
-                raise ValueError(f"RewardConfig.{name} must be one of {ok}, got {val!r}")
+                raise ValueError(f"reward.{name} must be one of {ok}, got {val!r}")
         if self.lambda_1 < 0 or self.lambda_lp < 0:
             raise ValueError(f"reward weights must be >= 0, got lambda_1={self.lambda_1}, lambda_lp={self.lambda_lp}")
         if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"RewardConfig.gamma must be in (0, 1], got {self.gamma}")
+            raise ValueError(f"reward.gamma must be in (0, 1], got {self.gamma}")
 
 
 @dataclass

@@ -125,7 +125,9 @@ def evaluate(tok: VisualTokenizer, frames, eps, n_pairs: int, max_off: int, lp=N
     if png is not None:
         n = 8
         save_frame_grid([ctx[:n], rc[:n], tgt[:n], rd[:n]], png,
-                        labels=["context", "recon", "frame t", "recon t"])
+                        labels=["context", "recon", "frame t", "recon t"],
+                        title="tokenizer on held-out frames: context frame and a later frame t, each with its "
+                              "reconstruction (one sample per column)")
     tok.train()
     return res
 
