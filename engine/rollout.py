@@ -27,6 +27,8 @@ generic path) and sampling through kernels/sampling.sample_cpu (same tokens as t
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .nvtx import nvtx_range
@@ -99,7 +101,8 @@ def _sampler(backend, device, logprob: bool):
         return sample
     if device.type == "cpu":  # same tokens as sample_reference without its full sort
         from vla_rft_engine.kernels.sampling import sample_cpu
-        return lambda *a: sample_cpu(*a, logprob=logprob)
+        return lambda logits, noise, temperature, top_k, top_p: sample_cpu(logits, noise, temperature, top_k, top_p,
+                                                                           logprob=logprob)
     from vla_rft_engine.kernels.sampling import sample_reference
     return sample_reference
 
@@ -215,6 +218,7 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
         raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
     if cpu_fast is None:
         cpu_fast = dev.type == "cpu" and backend in ("eager", "sdpa")
+    step: Callable[[torch.Tensor], torch.Tensor]  # the decode step: CpuDecoder or _Stepper
     if cpu_fast:
         from .cpu_decode import CpuDecoder
         step = CpuDecoder(wm, cache, G, NR, lens)

@@ -222,7 +222,7 @@ def to_dict(cfg) -> dict:
 
 def flat_dict(d: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}: a nested config dict keyed by its dotted override keys."""
-    out = {}
+    out: dict = {}
     for k, v in d.items():
         out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out

@@ -175,7 +175,8 @@ def load_model_state(model: nn.Module, opt: torch.optim.Optimizer, sharded: bool
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(getattr(module, "module"), nn.Module) else module
+    inner = getattr(module, "module", None)
+    return inner if isinstance(inner, nn.Module) else module
 
 
 def full_state(policy: nn.Module, opt: torch.optim.Optimizer, trainable: nn.Module, kind: str, d: Dist):

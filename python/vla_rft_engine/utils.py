@@ -176,7 +176,8 @@ class RunLogger:
         self.jsonl = open(path, "a" if resume_step > 0 else "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=resume_step + 1 if resume_step > 0 else None)
+            self.tb: SummaryWriter | None = SummaryWriter(str(self.dir / "tb"),
+                                                          purge_step=resume_step + 1 if resume_step > 0 else None)
         except Exception:  # tensorboard missing: JSONL only
             self.tb = None
 

@@ -19,26 +19,26 @@ def save_frame_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str
                     col_labels: list[str] | None = None) -> Path:
     """rows: each (N, 3, H, W) float in [0, 1]; one row of N frames each, optional label on the left,
     an optional title on top and a label over each column (e.g. the time step)."""
-    rows = [to_uint8(r) for r in rows]
-    n = max(r.shape[0] for r in rows)
-    H, W = rows[0].shape[1:3]
+    arrs = [to_uint8(r) for r in rows]
+    n = max(r.shape[0] for r in arrs)
+    H, W = arrs[0].shape[1:3]
     lw = 8 + 6 * max(len(s) for s in labels) if labels else 0
     width = lw + n * (W * scale + pad) + pad
     import textwrap
     title_lines = textwrap.wrap(title, max(20, (width - 8) // 6)) if title else []  # the default font: ~6 px/char
     top = 12 * len(title_lines) + (2 if title_lines else 0) + (12 if col_labels else 0)
-    canvas = Image.new("RGB", (width, top + len(rows) * (H * scale + pad) + pad), (255, 255, 255))
+    canvas = Image.new("RGB", (width, top + len(arrs) * (H * scale + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(title_lines):
         draw.text((4, 2 + 12 * i), line, fill=(0, 0, 0))
     for j, c in enumerate(col_labels or []):
         draw.text((lw + pad + j * (W * scale + pad) + 2, top - 12), c, fill=(60, 60, 60))
-    for i, r in enumerate(rows):
+    for i, r in enumerate(arrs):
         y = top + pad + i * (H * scale + pad)
         if labels:
             draw.text((4, y + H * scale // 2 - 5), labels[i], fill=(0, 0, 0))
         for j in range(r.shape[0]):
-            img = Image.fromarray(r[j]).resize((W * scale, H * scale), Image.NEAREST)
+            img = Image.fromarray(r[j]).resize((W * scale, H * scale), Image.Resampling.NEAREST)
             canvas.paste(img, (lw + pad + j * (W * scale + pad), y))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ task was first solved (T when it never was). Usually the no-op frames repeat the
 """
 from __future__ import annotations
 
+from typing import Any
+
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +36,7 @@ def collect_demos(task: str, num_episodes: int, seed: int = 0, image_size: int =
     env = TableTopEnv(task, image_size=image_size, seed=seed, perturbation=perturbation, max_steps=max_steps)
     t_max = env.max_steps
     n = num_episodes
-    out = {"frames": np.zeros((n, t_max + 1, image_size, image_size, 3), np.uint8),
+    out: dict[str, Any] = {"frames": np.zeros((n, t_max + 1, image_size, image_size, 3), np.uint8),
            "actions": np.zeros((n, t_max, 7), np.float32),
            "proprio": np.zeros((n, t_max + 1, 8), np.float32),
            "success": np.zeros(n, bool), "lengths": np.full(n, t_max, np.int64),
@@ -78,7 +80,11 @@ def save_demos(d: dict, path: str | Path) -> None:
 
 
 def load_demos(path: str | Path) -> dict:
+    """A save_demos .pt file, or LIBERO demos: an .hdf5/.h5 file or a folder of them (data/libero_hdf5.py)."""
     path = Path(path)
+    if path.suffix in (".hdf5", ".h5") or (path.is_dir() and any(path.glob("*.hdf5"))):
+        from .libero_hdf5 import load_libero_hdf5
+        return load_libero_hdf5(path)
     if not path.is_file():
         raise FileNotFoundError(f"demos file not found at {path}; collect them with collect_demos + save_demos")
     from ..config import BadFileError

@@ -39,15 +39,15 @@ def build_segments(demos: dict, tok, discretizer: ActionDiscretizer, frames: int
         raise ValueError(f"episodes have {T1} frames, a segment needs {frames}; lower frames=")
     last = torch.as_tensor(demos["lengths"]) if (not idle_tail and "lengths" in demos) else torch.full((N,), T1)
     starts = [(n, s) for n in range(N) for s in range(0, T1 - frames + 1, stride) if s <= int(last[n])]
-    ids = []
+    parts = []
     for i in range(0, len(starts), batch):
         chunk = starts[i:i + batch]
         clip = torch.stack([video[n, s:s + frames] for n, s in chunk]).to(device)
         clip = clip.permute(0, 1, 4, 2, 3).float() / 255.0  # (b, K, 3, H, W)
         ctx, dyn = tok.encode_clip(clip)
         bins = discretizer.encode(torch.stack([actions[n, s:s + frames - 1] for n, s in chunk]))
-        ids.append(layout.build_segment(ctx.cpu(), dyn.cpu(), bins.cpu()))
-    ids = torch.cat(ids)
+        parts.append(layout.build_segment(ctx.cpu(), dyn.cpu(), bins.cpu()))
+    ids = torch.cat(parts)
     mask = segment_loss_mask(layout, frames).expand_as(ids).clone()
     if len(starts) > 1 and ids[mask].unique().numel() < 2:  # every generated frame token is one code
         raise ValueError("the tokenizer's dynamics codes collapsed to a single code: every frame would decode from "

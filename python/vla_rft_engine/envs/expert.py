@@ -72,11 +72,10 @@ def _carry(env, obj: int, goal: np.ndarray) -> np.ndarray:
 def expert_action(env, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
     """One 7-D action (float32, in [-1, 1]) for env's current task; `noise` adds N(0, noise^2) to the 6 motion dims."""
     inst = env.task
-    goal = env.target_pos[inst.target] if inst.target >= 0 else None
-    if inst.family == "push":
-        a = _push(env, inst.obj, goal)
+    if inst.family == "push":  # push and pick_place always have a target (TASKS: has_target)
+        a = _push(env, inst.obj, env.target_pos[inst.target])
     elif inst.family == "pick_place":
-        a = _carry(env, inst.obj, goal) if env.held == inst.obj else _grasp(env, inst.obj)
+        a = _carry(env, inst.obj, env.target_pos[inst.target]) if env.held == inst.obj else _grasp(env, inst.obj)
     elif inst.family == "reach":
         o = env.obj_pos[inst.obj]
         far = np.linalg.norm(o - env.grip[:2]) > 0.04

@@ -235,7 +235,8 @@ def random_episodes(num_episodes: int, steps: int, seed: int = 0, image_size: in
         env.grip[:] = [*rng.uniform(-0.8, 0.8, 2), rng.uniform(0.12, 0.4)]
         env.yaw = float(rng.uniform(-np.pi, np.pi))
         frames[n, 0] = env.render()
-        noise, plan, mode = np.zeros(6), [], "free"
+        noise, mode = np.zeros(6), "free"
+        plan: list = []
         start = env.obj_pos.copy()
         for t in range(steps):
             if not plan:

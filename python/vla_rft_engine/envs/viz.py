@@ -22,4 +22,4 @@ def render_strip(frames, every: int = 1, scale: int = 2, pad: int = 2) -> Image.
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = arr[i, j]
     img = Image.fromarray(canvas)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale != 1 else img
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST) if scale != 1 else img

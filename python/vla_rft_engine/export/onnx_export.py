@@ -8,15 +8,21 @@ any runtime can feed them:
   proprio      float32 (B, P), raw robot state
   noise        float32 (B, T, A), the ODE's a_0 ~ N(0, I): an input, so the output is deterministic
 -> float32 (B, T, A), the action chunk in raw units. Batch is dynamic.
+
+The ONNX file carries what a torch-free runtime needs to feed it (export/runtime.py): metadata key "vla_rft",
+a JSON object (policy_meta) with the frame size, the chunk shape and how instructions become ids.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 INPUTS = ("image", "instruction", "proprio", "noise")
+MAX_WORDS = 64  # the instruction's longest id row the exported graph accepts
+META_KEY = "vla_rft"
 
 
 class DeployedPolicy(nn.Module):
@@ -46,6 +52,17 @@ class DeployedPolicy(nn.Module):
         return image, ids, proprio.float(), noise
 
 
+def policy_meta(policy, image_size: int, num_steps: int | None = None) -> dict:
+    """What a runtime needs besides the graph. Instructions: `hash_words` (SmallEncoder: crc32 word buckets,
+    reproducible anywhere from the text) or `token_ids` (an HF encoder: the client tokenises)."""
+    cfg, enc = policy.cfg, policy.encoder
+    buckets = int(getattr(enc, "vocab_buckets", 0))
+    return {"format": "vla-rft-deployed/1", "image_size": [int(image_size)] * 2, "chunk_len": cfg.chunk_len,
+            "action_dim": cfg.action_dim, "proprio_dim": cfg.proprio_dim, "num_steps": num_steps or cfg.num_steps,
+            "instruction_encoding": "hash_words" if buckets else "token_ids", "vocab_buckets": buckets,
+            "max_words": MAX_WORDS}
+
+
 def export_onnx(policy, path: str | Path, image_size: int = 64, num_steps: int | None = None,
                 opset: int = 18) -> Path:
     """Write the deployed policy to `path` (dynamic batch), check it with onnx.checker, return the path."""
@@ -55,11 +72,13 @@ def export_onnx(policy, path: str | Path, image_size: int = 64, num_steps: int |
     model = DeployedPolicy(policy, num_steps).cpu().eval()
     ex = model.example_inputs(image_size=image_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    words = torch.export.Dim("words", min=1, max=64)
+    words = torch.export.Dim("words", min=1, max=MAX_WORDS)
     shapes = {"image": {0: batch}, "instruction": {0: batch, 1: words}, "proprio": {0: batch}, "noise": {0: batch}}
     with torch.no_grad():
         prog = torch.onnx.export(model, ex, dynamo=True, input_names=list(INPUTS), output_names=["actions"],
                                  dynamic_shapes=shapes, opset_version=opset)
+    assert prog is not None  # dynamo=True always returns the program
+    prog.model.metadata_props[META_KEY] = json.dumps(policy_meta(policy, image_size, num_steps))
     prog.save(str(path))
     onnx.checker.check_model(onnx.load(str(path)))
     return path

@@ -2,6 +2,8 @@
 batch (and instruction length), and a JSON of the engine's I/O spec beside it."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from pathlib import Path
 
@@ -35,7 +37,7 @@ def build_tensorrt(onnx_path: str | Path, engine_path: str | Path, fp16: bool = 
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    spec = {"inputs": [], "outputs": [], "precision": "fp16" if fp16 else "fp32"}
+    spec: dict[str, Any] = {"inputs": [], "outputs": [], "precision": "fp16" if fp16 else "fp32"}
     for i in range(network.num_inputs):
         t = network.get_input(i)
         shape = list(t.shape)
@@ -49,6 +51,12 @@ def build_tensorrt(onnx_path: str | Path, engine_path: str | Path, fp16: bool = 
         t = network.get_output(i)
         spec["outputs"].append({"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape)})
     config.add_optimization_profile(profile)
+    # the ONNX file's runtime metadata (onnx_export.policy_meta), with this engine's limits: export/runtime.py
+    # reads the engine with this JSON and no torch
+    import onnx
+    from .onnx_export import META_KEY
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    spec["meta"] = {**json.loads(props.get(META_KEY, "{}")), "max_batch": max_batch, "max_words": max_words}
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")

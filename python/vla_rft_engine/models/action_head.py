@@ -9,6 +9,7 @@ c = emb(tau) + W_z z + MLP(s); output (B, T, action_dim).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -31,8 +32,8 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, int(d * mlp_ratio)), nn.GELU(approximate="tanh"),
                                  nn.Linear(int(d * mlp_ratio), d))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        nn.init.zeros_(self.ada[1].weight)  # adaLN-Zero: each block starts as the identity
-        nn.init.zeros_(self.ada[1].bias)
+        nn.init.zeros_(cast(nn.Linear, self.ada[1]).weight)  # adaLN-Zero: each block starts as the identity
+        nn.init.zeros_(cast(nn.Linear, self.ada[1]).bias)
 
     def forward(self, x, c):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)
@@ -56,8 +57,8 @@ class ChunkDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(d_model, heads) for _ in range(depth))
         self.norm_out = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d_model, 2 * d_model))
-        nn.init.zeros_(self.ada_out[1].weight)
-        nn.init.zeros_(self.ada_out[1].bias)
+        nn.init.zeros_(cast(nn.Linear, self.ada_out[1]).weight)
+        nn.init.zeros_(cast(nn.Linear, self.ada_out[1]).bias)
         self.out = nn.Linear(d_model, action_dim)
 
     def check(self, z, s, a, tau) -> None:

@@ -17,6 +17,7 @@ import math
 import re
 import zlib
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -256,7 +257,7 @@ class HFVLMEncoder(nn.Module):
                  lora_targets=("q_proj", "v_proj"), image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
         super().__init__()
         self.model, self.tokenizer, self.layer = model, tokenizer, layer
-        cfg = model.config
+        cfg: Any = model.config  # a transformers config: attributes differ per model family
         self.image_token_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
         if self.image_token_id is None or not hasattr(cfg, "vision_config"):
             raise ValueError(f"{type(model).__name__}: expected a LLaVA-style config with vision_config and "
@@ -270,7 +271,7 @@ class HFVLMEncoder(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.lora_rank = lora_rank
-        if lora_rank > 0 and add_lora(self.model.language_model if hasattr(self.model, "language_model")
+        if lora_rank > 0 and add_lora(cast(nn.Module, self.model.language_model) if hasattr(self.model, "language_model")
                                       else self.model, lora_rank, lora_targets) == 0:
             raise ValueError(f"LoRA: no nn.Linear named {lora_targets} in the language model")
         self.model.eval()

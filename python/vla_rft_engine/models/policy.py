@@ -16,6 +16,7 @@ standardised with buffers proprio_mean/std. `s` passed to the head is the normal
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 
 import torch
@@ -29,6 +30,11 @@ from .sde import SDESample, ode_sample, sde_log_prob, sde_sample
 
 
 class VLAPolicy(nn.Module):
+    action_low: torch.Tensor  # buffers registered in __init__
+    action_high: torch.Tensor
+    proprio_mean: torch.Tensor
+    proprio_std: torch.Tensor
+
     def __init__(self, cfg: PolicyConfig, encoder: nn.Module | None = None):
         super().__init__()
         cfg.validate()
@@ -42,7 +48,7 @@ class VLAPolicy(nn.Module):
             else:
                 encoder = HFVLMEncoder.from_pretrained(cfg.hf_path, layer=cfg.hf_layer, lora_rank=cfg.lora_rank)
         self.encoder = encoder
-        z_dim = int(encoder.z_dim)
+        z_dim = int(cast(Any, encoder).z_dim)  # every encoder exposes z_dim
         dims = (cfg.action_dim, cfg.chunk_len, z_dim, cfg.proprio_dim)
         self.flow_head = FlowHead(*dims, d_model=cfg.d_model, depth=cfg.depth, heads=cfg.heads)
         self.sigma_net = SigmaNet(*dims, d_model=cfg.sigma_d_model, depth=cfg.sigma_depth, heads=cfg.heads,

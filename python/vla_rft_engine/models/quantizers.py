@@ -35,6 +35,8 @@ def fsq_codes_to_indices(codes: torch.Tensor, levels) -> torch.Tensor:
 class FSQ(nn.Module):
     """Bound each of d channels to L_i levels, round with a straight-through gradient."""
 
+    _levels: torch.Tensor  # buffer registered in __init__
+
     def __init__(self, levels=(7, 5, 5, 5, 5), eps: float = 1e-3):
         super().__init__()
         self.levels = tuple(int(x) for x in levels)

@@ -11,6 +11,7 @@ training runs the same math differentiably. Frames are float (B, 3, H, W) in [0,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -220,7 +221,7 @@ class VisualTokenizer(nn.Module):
         ctx_img, img = self._decode_latents(zc, zd, T)
         aux = torch.zeros((), device=ctx.device)
         if self.cfg.quantizer == "vq":
-            aux = self.ctx_quant.last_loss + self.dyn_quant.last_loss
+            aux = cast(VQ, self.ctx_quant).last_loss + cast(VQ, self.dyn_quant).last_loss
         return (ctx_img + 1) / 2, ((img + 1) / 2).view(B, T, *img.shape[1:]), aux
 
     # --- persistence ---

@@ -19,6 +19,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ def tokenizer_hash(tok) -> str:
 
 def world_manifest(tok, disc: ActionDiscretizer, action_dropout: float | None = None) -> dict:
     from ..config import to_dict
-    man = {"format": FORMAT, "layout": asdict(tok.layout), "tokenizer_config": to_dict(tok.cfg),
+    man: dict[str, Any] = {"format": FORMAT, "layout": asdict(tok.layout), "tokenizer_config": to_dict(tok.cfg),
            "tokenizer_sha256": tokenizer_hash(tok), "action_ranges": disc.state_dict()}
     if action_dropout is not None:  # > 0: the null action id was trained, so action guidance means something
         man["action_dropout"] = action_dropout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -200,7 +201,7 @@ class WorldModel(nn.Module):
         rebuilt whenever a parameter is replaced or updated in place (tracked by storage and version counter).
         """
         parts = [(b.attention.wq.weight, b.attention.wk.weight, b.attention.wv.weight, b.feed_forward.w1.weight,
-                  b.feed_forward.w3.weight) for b in self.layers]
+                  b.feed_forward.w3.weight) for b in cast("list[Block]", self.layers)]
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for ws in parts for w in ws)
         if self._fused is None or self._fused[0] != key:
             with torch.no_grad():

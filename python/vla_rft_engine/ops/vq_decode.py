@@ -62,11 +62,12 @@ def vq_decode_reference(ids: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """Plain PyTorch version of the fused decode (see module docstring)."""
     if (levels is None) == (codebook is None):
         raise ValueError("give exactly one of levels (FSQ) or codebook (VQ)")
-    dim = len(levels) if levels is not None else codebook.shape[1]
-    ncodes = int(torch.tensor(list(levels)).prod()) if levels is not None else codebook.shape[0]
+    # exactly one is given: codebook is None <=> levels is not None
+    dim = codebook.shape[1] if codebook is not None else len(levels)
+    ncodes = codebook.shape[0] if codebook is not None else int(torch.tensor(list(levels)).prod())
     check_ids(ids, ncodes)
     B, gh, gw, C = _check_shapes(ids, weight, bias, grid, patch, dim)
-    codes = fsq_indices_to_codes(ids, levels) if levels is not None else codebook[ids.long()]
+    codes = codebook[ids.long()] if codebook is not None else fsq_indices_to_codes(ids, levels)
     y = codes.to(weight.dtype) @ weight.t()
     if bias is not None:
         y = y + bias

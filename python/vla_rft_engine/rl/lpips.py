@@ -22,18 +22,20 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
 
 # torchvision's `features` layout: ("C", out, kernel, stride, pad) | "R" ReLU | "M" max-pool 3/2 (alex) or 2/2 (vgg)
-_ALEX = [("C", 64, 11, 4, 2), "R", "M", ("C", 192, 5, 1, 2), "R", "M", ("C", 384, 3, 1, 1), "R",
-         ("C", 256, 3, 1, 1), "R", ("C", 256, 3, 1, 1), "R"]
-_VGG = [("C", 64, 3, 1, 1), "R", ("C", 64, 3, 1, 1), "R", "M",
-        ("C", 128, 3, 1, 1), "R", ("C", 128, 3, 1, 1), "R", "M",
-        ("C", 256, 3, 1, 1), "R", ("C", 256, 3, 1, 1), "R", ("C", 256, 3, 1, 1), "R", "M",
-        ("C", 512, 3, 1, 1), "R", ("C", 512, 3, 1, 1), "R", ("C", 512, 3, 1, 1), "R", "M",
-        ("C", 512, 3, 1, 1), "R", ("C", 512, 3, 1, 1), "R", ("C", 512, 3, 1, 1), "R"]
+_Conv = tuple[str, int, int, int, int]
+_ALEX: list[_Conv | str] = [("C", 64, 11, 4, 2), "R", "M", ("C", 192, 5, 1, 2), "R", "M", ("C", 384, 3, 1, 1), "R",
+                            ("C", 256, 3, 1, 1), "R", ("C", 256, 3, 1, 1), "R"]
+_VGG: list[_Conv | str] = [("C", 64, 3, 1, 1), "R", ("C", 64, 3, 1, 1), "R", "M",
+                           ("C", 128, 3, 1, 1), "R", ("C", 128, 3, 1, 1), "R", "M",
+                           ("C", 256, 3, 1, 1), "R", ("C", 256, 3, 1, 1), "R", ("C", 256, 3, 1, 1), "R", "M",
+                           ("C", 512, 3, 1, 1), "R", ("C", 512, 3, 1, 1), "R", ("C", 512, 3, 1, 1), "R", "M",
+                           ("C", 512, 3, 1, 1), "R", ("C", 512, 3, 1, 1), "R", ("C", 512, 3, 1, 1), "R"]
 # indices (into `features`) of the ReLU outputs that LPIPS taps
 _TAPS = {"alex": (1, 4, 7, 9, 11), "vgg": (3, 8, 15, 22, 29)}
 _SPECS = {"alex": _ALEX, "vgg": _VGG}
@@ -82,6 +84,7 @@ def resolve_weight_paths(net: str = "alex", backbone_path: str | Path | None = N
         missing.append(f"linear heads v0.1/{HEAD_FILES[net]} not at {where} (pip install lpips, or pass heads_path)")
     if missing:
         raise FileNotFoundError("LPIPS weights missing, nothing is downloaded: " + "; ".join(missing))
+    assert hp is not None  # a None hp is listed in `missing` above
     return bb, hp
 
 
@@ -108,11 +111,15 @@ def _head_key(key: str) -> str | None:
 class LPIPS(nn.Module):
     """Frozen LPIPS distance. forward(x, y, zero_one=False) -> (...,) one distance per frame pair."""
 
+    shift: torch.Tensor  # buffers registered in __init__
+    scale: torch.Tensor
+
     def __init__(self, net: str = "alex", chunk: int = 512):
         super().__init__()
         self.net = _check_net(net)
         self.chunk = int(chunk)  # frames per backbone pass: bounds activation memory at large batches
-        layers, c_in = [], 3
+        layers: list[nn.Module] = []
+        c_in = 3
         k, s = _POOL[self.net]
         for item in _SPECS[self.net]:
             if item == "R":
@@ -120,12 +127,12 @@ class LPIPS(nn.Module):
             elif item == "M":
                 layers.append(nn.MaxPool2d(k, s))
             else:
-                _, c_out, ks, st, pad = item
+                _, c_out, ks, st, pad = cast(_Conv, item)
                 layers.append(nn.Conv2d(c_in, c_out, ks, st, pad))
                 c_in = c_out
         self.features = nn.Sequential(*layers)
         self.taps = _TAPS[self.net]
-        chans = [self.features[i - 1].out_channels for i in self.taps]
+        chans = [cast(nn.Conv2d, self.features[i - 1]).out_channels for i in self.taps]
         self.heads = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in chans])
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1))
@@ -136,7 +143,8 @@ class LPIPS(nn.Module):
     def load_weights(self, state: dict) -> "LPIPS":
         """Load backbone and/or heads from torchvision-, lpips- or our own-format state dicts (others ignored)."""
         own = self.state_dict()
-        bb, heads = {}, {}
+        bb: dict[str, torch.Tensor] = {}
+        heads: dict[str, torch.Tensor] = {}
         for key, val in state.items():
             if key in own:  # our own format
                 (heads if key.startswith("heads.") else bb)[key] = val
@@ -185,8 +193,8 @@ class LPIPS(nn.Module):
         if t.dim() < 3 or t.shape[-3] != 3:
             raise ValueError(f"LPIPS {name} must be (..., 3, H, W), got {tuple(t.shape)}")
         lo, hi = (0.0, 1.0) if zero_one else (-1.0, 1.0)
-        mn, mx = torch.aminmax(t.detach().float())
-        mn, mx = float(mn), float(mx)  # one sync; NaN fails both comparisons below
+        tmn, tmx = torch.aminmax(t.detach().float())
+        mn, mx = float(tmn), float(tmx)  # one sync; NaN fails both comparisons below
         if not (mn >= lo - 1e-4 and mx <= hi + 1e-4):
             rng = "[0, 1] (zero_one=True)" if zero_one else "[-1, 1] (pass zero_one=True for [0, 1] frames)"
             raise ValueError(f"LPIPS {name} outside {rng}: min {mn:.4g}, max {mx:.4g}")
@@ -210,10 +218,10 @@ class LPIPS(nn.Module):
         return out
 
     def _distance(self, fx: list[torch.Tensor], fy: list[torch.Tensor]) -> torch.Tensor:
-        d = 0.0
+        d: torch.Tensor | float = 0.0
         for a, b, w in zip(fx, fy, self.heads):
             d = d + (a - b).pow(2).mean((2, 3)) @ w.float()
-        return d
+        return cast(torch.Tensor, d)  # a tensor: there is always at least one head
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, zero_one: bool = False, amp: bool | None = None,
                 check_range: bool = True) -> torch.Tensor:

@@ -32,6 +32,7 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -92,7 +93,7 @@ class RFTRun:
         policy.encoder.requires_grad_(False)  # frozen in Stage II (VLM frozen)
         policy.eval()  # no dropout: sampling and the update see the same networks
         self.heads = du.wrap(PolicyHeads(policy, g.ratio_level == "element"), d, cfg.distributed)
-        base = du.unwrap(self.heads)
+        base = cast(PolicyHeads, du.unwrap(self.heads))
         self.opt = torch.optim.AdamW(optimizer_param_groups(base.flow_head.parameters(), base.sigma_net.parameters(),
                                                             g), weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambdas(g))
@@ -152,7 +153,8 @@ class RFTRun:
             R, R_noise = self._reward(step, pool_idx, actions, ref, frames, b)
         E, (C, A) = cfg.grpo.ppo_epochs, pol.chunk_shape
         from ..models.policy import sample_beta  # flow-MSE draws, one per (start state, epoch)
-        tau = sample_beta(*pol.flow_tau, k * E, gen, dev).view(k, E)  # the law the policy was trained with (SFT)
+        alpha, beta = pol.flow_tau  # the law the policy was trained with (SFT)
+        tau = sample_beta(alpha, beta, k * E, gen, dev).view(k, E)
         noise = torch.randn(k, E, C, A, generator=gen, device=dev)
         dist = (actions - ref[:, None]).abs().sum((2, 3))  # (k, N): the chunk's L1 distance to the dataset chunk
         return {"z": z, "s": s, "chain": out.chain, "R": R.float(), "sigma": out.sigmas.mean((1, 2, 3, 4)),
@@ -222,8 +224,8 @@ class RFTRun:
         timings: dict = defaultdict(float)
         t0 = time.perf_counter()
         blocks = [self.rollout_block(step, f, idx[f:f + k], timings) for f in range(first, first + L, k)]
-        roll = {key: (torch.cat([b[key] for b in blocks]) if blocks[0][key] is not None else None)
-                for key in blocks[0]}
+        roll: dict[str, Any] = {key: (torch.cat([b[key] for b in blocks]) if blocks[0][key] is not None else None)
+                                for key in blocks[0]}  # tensors; "frames" and "noise_std" may be None
         rho = du.all_gather_rows(d, roll["rho"][:, None])[:, 0]  # NaN where a group's rewards are all equal
         adv = group_advantage(roll["R"], cfg.grpo.normalize_adv_std, cfg.grpo.adv_eps)  # (L, N), per group
         with self.phase("update", timings):
@@ -312,7 +314,8 @@ def train(cfg: RFTConfig, run: RFTRun | None = None) -> dict:
 def _train(cfg: RFTConfig, d: du.Dist, run: RFTRun | None) -> dict:
     run = run or build(cfg, d)
     out = Path(cfg.out_dir)
-    ckpt, step, history = out / "ckpt.pt", 0, []
+    ckpt, step = out / "ckpt.pt", 0
+    history: list = []
     if cfg.resume and ckpt.is_file():
         step, history = run.load(ckpt)
     if d.is_main:

@@ -26,8 +26,7 @@ MAKES = {
 
 def require(path: str, what: str, kind: str = "file") -> Path:
     p = Path(path) if path else None
-    ok = p is not None and (p.is_dir() if kind == "dir" else p.exists())
-    if not ok:
+    if p is None or not (p.is_dir() if kind == "dir" else p.exists()):
         raise FileNotFoundError(f"RFT needs the {what} checkpoint but {path or '(unset)'} does not exist; "
                                 f"make it with: {MAKES[what]}")
     return p

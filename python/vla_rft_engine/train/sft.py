@@ -121,9 +121,9 @@ def evaluate(policy: VLAPolicy, data: ChunkData, cfg: SFTConfig, device) -> dict
         pred = policy.unnormalize_actions(policy.sample_ode(z, s, noise=torch.randn(act.shape, generator=g).to(device)))
         l1.append((pred - act.to(device)).abs().mean(1))  # (b, A)
     policy.train()
-    l1 = torch.cat(l1)
-    out = {"val/flow_loss": torch.cat(losses).mean().item(), "val/l1": l1.mean().item()}
-    out.update({f"val/l1_dim{d}": v for d, v in enumerate(l1.mean(0).tolist())})
+    l1_all = torch.cat(l1)
+    out = {"val/flow_loss": torch.cat(losses).mean().item(), "val/l1": l1_all.mean().item()}
+    out.update({f"val/l1_dim{d}": v for d, v in enumerate(l1_all.mean(0).tolist())})
     return out
 
 
@@ -208,9 +208,9 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
     loss_fn = du.wrap(_FlowLoss(policy), d, "ddp")
     share = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
     params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("sigma_net.")]
-    readout = getattr(policy.encoder, "readout_parameters", list)()
+    readout: list[torch.nn.Parameter] = getattr(policy.encoder, "readout_parameters", list)()
     fast = {id(p) for p in readout}
-    groups = [{"params": [p for p in params if id(p) not in fast]}]
+    groups: list[dict] = [{"params": [p for p in params if id(p) not in fast]}]
     if readout:
         groups.append({"params": [p for p in readout if p.requires_grad], "lr": cfg.lr * cfg.readout_lr_mult})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -267,10 +267,10 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
             full = float(du.scalar_mean(d, loss.detach()))  # the whole batch's loss (equal shares)
-            if d.is_main:
+            if logger is not None:  # the main rank
                 logger.log(done, {"train/flow_loss": full, "train/grad_norm": gnorm.item(),
-                                  "train/lr": sched.get_last_lr()[0]})
-        if d.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
+                                  "train/lr": float(sched.get_last_lr()[0])})
+        if logger is not None and (done % cfg.eval_every == 0 or done == cfg.steps):  # the main rank
             metrics = evaluate(policy, val_data, cfg, device)
             logger.log(done, metrics)
         if d.is_main and (done % cfg.ckpt_every == 0 or done == end):
@@ -280,7 +280,7 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
             bar.set_postfix(loss=f"{loss.item():.4f}", **({"val": f"{metrics['val/flow_loss']:.4f}"} if metrics else {}))
     if bar is not None:
         bar.close()
-    if d.is_main:
+    if logger is not None:  # the main rank
         logger.close()
     du.barrier(d)
     return {"step": end, "wall_s": time.time() - t0, "train_samples": len(train_data), "val_samples": len(val_data),

@@ -47,8 +47,12 @@ def load_frames(cfg: TokenizerTrainConfig) -> torch.Tensor:
         p = Path(src)
         if not p.exists():
             raise FileNotFoundError(f"data={src}: no such file or folder (use data=builtin, a demos .pt file, a "
-                                    ".npy/.npz of uint8 (episodes, T, H, W, 3), or a folder of episode folders of images)")
-        if p.is_dir():
+                                    ".npy/.npz of uint8 (episodes, T, H, W, 3), LIBERO .hdf5 demos, or a folder of "
+                                    "episode folders of images)")
+        if p.suffix in (".hdf5", ".h5") or (p.is_dir() and any(p.glob("*.hdf5"))):  # LIBERO demos
+            from ..data.libero_hdf5 import load_libero_hdf5
+            frames = _to_frames(load_libero_hdf5(p)["frames"], src)
+        elif p.is_dir():
             from PIL import Image
             eps = []
             for d in sorted(x for x in p.iterdir() if x.is_dir()):
@@ -66,7 +70,7 @@ def load_frames(cfg: TokenizerTrainConfig) -> torch.Tensor:
             obj = np.load(p)
             frames = _to_frames(obj["frames"] if p.suffix == ".npz" else obj, src)
         else:
-            raise ValueError(f"data={src}: unsupported file type {p.suffix} (.pt, .npz, .npy or a folder)")
+            raise ValueError(f"data={src}: unsupported file type {p.suffix} (.pt, .npz, .npy, .hdf5 or a folder)")
     s = cfg.model.image_size
     if frames.shape[2:4] != (s, s):  # resize once, here, rather than per batch
         N, T, H, W, _ = frames.shape

@@ -190,6 +190,7 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
         raise ValueError(f"segments have {ids.shape[1]} tokens, the model {wm.config.max_position} positions")
     wm.to(dev).train()
     sharded = d.enabled and cfg.distributed == "fsdp2"
+    loss_fn: torch.nn.Module
     if sharded:  # every part the loss calls is its own FSDP2 unit (masked_nll calls hidden() and output directly)
         du.shard([*wm.layers, wm.tok_embeddings, wm.norm, wm.output])
         loss_fn = _Loss(wm)
@@ -244,7 +245,7 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             full = float(du.scalar_mean(d, loss.detach()))  # = the whole batch's weighted mean
-            if d.is_main:
+            if log is not None:  # the main rank
                 log.log(step, {"loss": full, "grad_norm": float(gnorm), "lr": lr})
             bar.set_postfix(loss=f"{full:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -259,6 +260,7 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
             wm = WorldModel(wm.config)
             wm.load_state_dict(sd)
     if d.is_main:
+        assert log is not None  # made on the main rank
         log.close()
         wm.eval().save_pretrained(out / "world_model")
         _finish_world_dir(cfg, seg, out / "world_model")
