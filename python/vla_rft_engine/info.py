@@ -40,6 +40,10 @@ def backends() -> dict[str, tuple[bool, str]]:
                              ("transformers", "transformers", "pip install '.[hf]'")]:
         ok, why = _module(mod)
         out[name] = (ok, why if ok else f"{why} -> {extra}")
+    from .envs.libero_env import libero_status  # LIBERO tasks (libero_*/...): the package, and a GL that renders
+    out["LIBERO (render)"] = libero_status()
+    ok, why = _module("h5py")
+    out["h5py"] = (ok, why if ok else f"{why} -> pip install '.[libero]' (LIBERO HDF5 demos)")
     from .rl.lpips import resolve_weight_paths
     for net in ("alex", "vgg"):  # the package alone is not LPIPS: the reward needs both weight files on disk
         try:

@@ -17,6 +17,7 @@ zero motion, the last gripper command), so reading it back returns the same arra
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def load_libero_hdf5(path: str | Path, obs_after_action: bool = False, wrist: bo
     if any(e["frames"].shape[1:3] != (H, W) for e in eps):
         from ..config import BadFileError
         raise BadFileError(f"{path}: demos have different image sizes")
-    out = {"frames": np.zeros((n, T + 1, H, W, 3), np.uint8), "actions": np.zeros((n, T, 7), np.float32),
+    out: dict[str, Any] = {"frames": np.zeros((n, T + 1, H, W, 3), np.uint8), "actions": np.zeros((n, T, 7), np.float32),
            "proprio": np.zeros((n, T + 1, 8), np.float32), "success": np.zeros(n, bool),
            "lengths": np.full(n, T, np.int64), "seeds": np.arange(n, dtype=np.int64), "instructions": []}
     if wrist:
