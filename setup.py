@@ -106,7 +106,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tensorboard", "safetensors", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "lpips", "torchvision", "scikit-image", "onnx", "onnxruntime",
-                 "onnxscript", "ruff", "h5py"],
+                 "onnxscript", "ruff", "mypy", "h5py"],
         "lpips": ["lpips", "torchvision"],
         "hf": ["transformers>=4.40"],
         "gpu": ["nvtx", "cupy-cuda13x"],

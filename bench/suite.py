@@ -31,6 +31,7 @@ BENCHES = {
     "sde_sampling": ([], ["--repeats", "5"]),
     "vq_decode": ([], ["--quick"]),
     "rewards": (["--hw", "256"], ["--repeats", "2"]),
+    "policy_latency": ([], ["--repeats", "20", "--no-compile", "--server-requests", "50"]),
 }
 KEYS = ("speedup", "ratio", "roofline_fraction", "rollouts_per_s")  # what the table shows, by key substring
 

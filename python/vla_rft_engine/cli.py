@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rft": ("vla_rft_engine.rl.rft", "Stage II GRPO fine-tuning of the policy in the frozen world model"),
     "quickstart": ("vla_rft_engine.quickstart", "every stage on the built-in task, then SFT vs RFT success tables"),
     "export": ("vla_rft_engine.export.command", "the deployed policy to ONNX (or a TensorRT engine on a GPU), checked"),
+    "serve": ("vla_rft_engine.export.serve", "serve the policy over HTTP with request batching (onnxruntime, TensorRT, torch)"),
+    "client": ("vla_rft_engine.export.client", "smoke-test a running vla-rft serve: requests, round trip, server latency"),
 }
 
 
@@ -34,6 +36,8 @@ CONFIGS: dict[str, str] = {
     "rft": "vla_rft_engine.rl.rft_config:RFTConfig",
     "quickstart": "vla_rft_engine.quickstart_config:QuickstartConfig",
     "export": "vla_rft_engine.export.command:ExportConfig",
+    "serve": "vla_rft_engine.export.serve:ServeConfig",
+    "client": "vla_rft_engine.export.client:ClientConfig",
 }
 
 
