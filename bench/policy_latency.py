@@ -70,7 +70,7 @@ def main(argv=None) -> int:
            "shape": {"image": [IMAGE, IMAGE, 3], "chunk_len": cfg.chunk_len, "action_dim": cfg.action_dim,
                      "proprio_dim": cfg.proprio_dim, "K": cfg.num_steps, "batches": args.batches,
                      "params": sum(p.numel() for p in pol.parameters())},
-           "repeats": args.repeats, "backends": {}, "skipped": {}}
+           "repeats": args.repeats, "backends": {}, "skipped": {}, "loadavg_1min_start": os.getloadavg()[0]}
 
     runtimes = {"torch_eager": lambda: TorchPolicyRuntime(pol, IMAGE, device=args.device, max_batch=max(args.batches))}
     if not args.no_compile:
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
                    "inductor C++ (no CUDA graphs); on CUDA it is mode=reduce-overhead (CUDA graphs). Server: the "
                    "clients are threads of the bench's process, so under 8 clients their JSON work competes with the "
                    "server for the GIL and the cores; the round trip then exceeds the server-side latency.")
+    rec["loadavg_1min_end"] = os.getloadavg()[0]  # > the core count: other processes competed for the CPU
     emit(rec, args.out)
     return 0
 

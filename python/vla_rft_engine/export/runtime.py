@@ -100,7 +100,7 @@ class PolicyRuntime:
         B = image.shape[0]
         if isinstance(instruction, str) or (isinstance(instruction, (list, tuple)) and instruction
                                             and isinstance(instruction[0], str)):
-            instruction = self.encode_instructions([instruction] * B if isinstance(instruction, str) else instruction)
+            instruction = self.encode_instructions([instruction] * B if isinstance(instruction, str) else list(instruction))
         ids = np.ascontiguousarray(instruction, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != B or not 1 <= ids.shape[1] <= m.max_words:
             raise ValueError(f"instruction ids must be int64 ({B}, L) with 1 <= L <= {m.max_words}; got {ids.shape}")

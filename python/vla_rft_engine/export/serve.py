@@ -72,7 +72,9 @@ class _Item:
 
     def __init__(self, req, t0: float):
         self.req, self.t0, self.done = req, t0, threading.Event()
-        self.actions, self.error, self.batch_rows = None, None, 0
+        self.actions: np.ndarray | None = None
+        self.error: str | None = None
+        self.batch_rows = 0
 
 
 class _Stats:
@@ -80,8 +82,9 @@ class _Stats:
 
     def __init__(self, window: int = 10000):
         self.lock, self.t_start = threading.Lock(), time.perf_counter()
-        self.lat, self.t_done = deque(maxlen=window), deque(maxlen=window)
-        self.rows = deque(maxlen=window)
+        self.lat: deque[float] = deque(maxlen=window)
+        self.t_done: deque[float] = deque(maxlen=window)
+        self.rows: deque[int] = deque(maxlen=window)
         self.n = dict.fromkeys(("ok", "rows", "batches", "bad_request", "busy", "timeout", "error"), 0)
 
     def count(self, key: str, k: int = 1) -> None:
@@ -132,7 +135,7 @@ class PolicyServer:
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = self.httpd.socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def start(self) -> "PolicyServer":
@@ -251,7 +254,9 @@ class PolicyServer:
             return 500, {"error": item.error}
         self.stats.count("ok")
         self.stats.count("rows", req.rows)
-        acts = item.actions[0] if req.single else item.actions
+        acts = item.actions
+        assert acts is not None  # set with done, unless error is
+        acts = acts[0] if req.single else acts
         return 200, {"actions": acts.tolist(), "model_id": self.meta.model_id, "backend": self.meta.backend,
                      "latency_ms": (time.perf_counter() - t0) * 1e3, "batch_rows": item.batch_rows, "id": req.id}
 
@@ -283,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        ps = self.server.policy_server  # type: ignore[attr-defined]
+        ps = getattr(self.server, "policy_server")
         if self.path == "/health":
             self._send(200, ps.health())
         elif self.path == "/stats":
@@ -293,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         t0 = time.perf_counter()
-        ps = self.server.policy_server  # type: ignore[attr-defined]
+        ps = getattr(self.server, "policy_server")
         ps.arriving(1)  # the batcher waits for requests still being read (max_wait_ms at most)
         left = [True]
 

@@ -10,6 +10,7 @@ policy (per-sample norms), so the padding rows never change the real rows' actio
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class TorchPolicyRuntime(PolicyRuntime):
         backend = "torch_compiled" if compiled else "torch"
         self.meta = PolicyMeta.from_dict(policy_meta(policy, image_size, num_steps or None), max_batch=max_batch,
                                          model_id=model_id or "in-memory", backend=backend)
-        self.fn = self.model
+        self.fn: Callable = self.model
         if compiled:
             cuda = self.device.type == "cuda"
             # every (batch bucket, word bucket) is one specialisation: allow them all before dynamo gives up
