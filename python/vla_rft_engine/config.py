@@ -189,7 +189,7 @@ def read_config_file(name_or_path: str | Path, command: str | None = None) -> di
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of key: value")
-    from .cli import COMMANDS  # the section names are the CLI's commands
+    from .commands import COMMANDS  # the section names are the commands'
     if data and all(k in COMMANDS for k in data):  # split by command
         if command is None or command not in data:
             has = ", ".join(data)

@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from .tabletop import check_action
+
 SUITES = {"libero_spatial": "libero_spatial", "libero_object": "libero_object", "libero_goal": "libero_goal",
           "libero_10": "libero_10", "libero_long": "libero_10"}
 # episode limits of the common LIBERO evaluation (OpenVLA's script, also used by VLA-Adapter and VLA-RFT)
@@ -138,12 +140,7 @@ class LiberoEnv:
         return self._obs()
 
     def step(self, action):
-        a = np.asarray(action, dtype=np.float64).reshape(-1)
-        if a.shape != (7,):
-            raise ValueError(f"action must have 7 values (dx, dy, dz, droll, dpitch, dyaw, gripper), got shape {a.shape}")
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"action contains NaN or inf: {a}")
-        a = np.clip(a, -1.0, 1.0)
+        a = check_action(action)
         if a[6] != 0:
             self.last_cmd = 1.0 if a[6] > 0 else -1.0
         self._obs_raw = self._env.step(a)[0]

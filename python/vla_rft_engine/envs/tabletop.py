@@ -28,6 +28,16 @@ PROPRIO_DIM = 8
 PROPRIO_LAYOUT = ("x", "y", "z", "sin_yaw", "cos_yaw", "opening", "held", "gripper_cmd")
 
 
+def check_action(action) -> np.ndarray:
+    """A 7-D action (dx, dy, dz, droll, dpitch, dyaw, gripper) as float64, clipped to [-1, 1]; bad ones raise."""
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if a.shape != (7,):
+        raise ValueError(f"action must have 7 values (dx, dy, dz, droll, dpitch, dyaw, gripper), got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"action contains NaN or inf: {a}")
+    return np.clip(a, -1.0, 1.0)
+
+
 class TableTopEnv:
     MIN_OBJ_SEP, MIN_OBJ_TARGET_SEP, MIN_TARGET_SEP = 0.32, 0.32, 0.40
     LAYOUT_BOUND = 0.70  # sampled centres lie in [-0.7, 0.7]^2, leaving room for perturbations
@@ -79,12 +89,7 @@ class TableTopEnv:
         raise RuntimeError("could not place objects and targets; use fewer objects/targets")
 
     def step(self, action):
-        a = np.asarray(action, dtype=np.float64).reshape(-1)
-        if a.shape != (7,):
-            raise ValueError(f"action must have 7 values (dx, dy, dz, droll, dpitch, dyaw, gripper), got shape {a.shape}")
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"action contains NaN or inf: {a}")
-        a = np.clip(a, -1.0, 1.0)
+        a = check_action(action)
         self._move_gripper(a)
         self._update_grasp(a[6])
         self._resolve_contacts()
