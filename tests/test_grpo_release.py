@@ -90,17 +90,17 @@ def release_element_terms(pol, chain, z, s):
 
 def test_element_ratio_and_entropy_match_the_release():
     pol = tiny_policy()
-    pol.cfg.logprob_reduce = "sum"
     g = torch.Generator().manual_seed(3)
     Z = int(pol.encoder.z_dim)
     z, s = torch.randn(2, Z, generator=g), torch.randn(2, 4, generator=g)
     chain = pol.sample_sde(z, s, 3, generator=g).chain  # (B, N, K+1, T, A) = (2, 3, 5, 3, 2)
-    out = pol.log_prob(chain, z, s, per_element=True)
+    out = pol.log_prob(chain, z, s, per_element=True, logprob_reduce="sum")
     want_lp, want_ent = release_element_terms(pol, chain, z, s)
     torch.testing.assert_close(out["element_log_prob"].detach().double(), want_lp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out["element_entropy"].detach().double(), want_ent, rtol=1e-5, atol=1e-5)
     # the per-element path and the fused per-rollout path agree on the rollout's log-prob
-    torch.testing.assert_close(out["element_log_prob"].sum((2, 3)), pol.log_prob(chain, z, s)["log_prob"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out["element_log_prob"].sum((2, 3)), pol.log_prob(chain, z, s, logprob_reduce="sum")["log_prob"],
+                               rtol=1e-5, atol=1e-4)
 
     # the loss: per-element ratios, the rollout's Adv on each of its elements, mean over all elements
     lnew = out["element_log_prob"]
@@ -162,13 +162,17 @@ def test_warmup_on_the_action_head_only():
 
 
 def test_settings_are_checked():
-    for bad, msg in (("grpo.clip_ratio_c=0.5", "clip_ratio_c"), ("grpo.ratio_level=token", "ratio_level"),
-                     ("grpo.mse_kl_estimator=k2", "mse_kl_estimator"), ("sigma_min=0.08", "sigma_max"),
-                     ("sigma_min=0.2", "sigma_max"), ("weight_decay=-1", "weight_decay")):
-        from vla_rft_engine.config import ConfigError
-        from vla_rft_engine.rl.rft_config import RFTConfig
+    from vla_rft_engine.config import ConfigError
+    from vla_rft_engine.rl.rft_config import RFTConfig
+    for bad, msg in ((["grpo.clip_ratio_c=0.5"], "clip_ratio_c"), (["grpo.ratio_level=token"], "ratio_level"),
+                     (["grpo.mse_kl_estimator=k2"], "mse_kl_estimator"), (["sigma_min=0.6"], "sigma_min < sigma_max"),
+                     (["sigma_min=0.2", "sigma_max=0.1"], "sigma_min < sigma_max"),
+                     (["sigma_min=0.08", "sigma_max=0.2"], r"sigma_init=0.02 must lie inside"),
+                     (["grpo.weight_decay=-1"], "weight_decay"), (["grpo.sigma_weight_decay=-1"], "sigma_weight_decay")):
         with pytest.raises(ConfigError, match=msg):
-            load_config(RFTConfig, None, [bad, "sigma_max=0.1"] if bad == "sigma_min=0.2" else [bad])
+            load_config(RFTConfig, None, bad)
+    with pytest.raises(ConfigError, match="grpo.weight_decay"):  # the old key: a hint to the new one
+        load_config(RFTConfig, None, ["weight_decay=0.01"])
     assert load_config(GRPOConfig, None, ["clip_ratio_c=null"]).clip_ratio_c is None
     c = GRPOConfig()  # the paper's defaults
     assert (c.clip_ratio_c, c.ratio_level, c.mse_kl_estimator, c.warmup_sigma) == (0.0, "rollout", "k3", True)
@@ -186,7 +190,8 @@ def stage(tmp_path_factory):
 
 RELEASE_LIKE = ["grpo.ratio_level=element", "grpo.policy_loss=ppo", "grpo.clip_ratio_c=3", "grpo.logprob_reduce=sum",
                 "grpo.mse_kl_gate=true", "grpo.mse_kl_estimator=k1", "grpo.normalize_adv_std=true",
-                "grpo.warmup_steps=4", "grpo.warmup_sigma=false", "weight_decay=0.01", "sigma_min=0.08",
+                "grpo.warmup_steps=4", "grpo.warmup_sigma=false", "grpo.weight_decay=0.01",
+                "grpo.sigma_weight_decay=0.02", "sigma_min=0.08",
                 "sigma_max=0.2", "sigma_init=0.1265"]
 
 
@@ -196,7 +201,7 @@ def test_rft_runs_the_release_options(stage, tmp_path):
     from vla_rft_engine.train.sft import load_policy
     cfg = cfg_for(stage, tmp_path, "grpo.steps=2", *RELEASE_LIKE)
     run = rft.build(cfg, rft.du.init("cpu"))
-    assert [grp["weight_decay"] for grp in run.opt.param_groups] == [0.01, 0.01]
+    assert [grp["weight_decay"] for grp in run.opt.param_groups] == [0.01, 0.02]
     net = run.policy.sigma_net
     assert (net.sigma_min, net.sigma_max) == (0.08, 0.2) and run.policy.cfg.sigma_init == 0.1265
     h = rft.train(cfg, run)["history"]
@@ -243,6 +248,8 @@ def test_runs_from_before_the_new_settings_resume(stage, tmp_path):
     for k in ("clip_ratio_c", "ratio_level", "mse_kl_estimator", "warmup_sigma"):
         del ck["config"]["grpo"][k]
     del ck["config"]["sigma_min"], ck["config"]["sigma_max"]
+    del ck["config"]["grpo"]["weight_decay"], ck["config"]["grpo"]["sigma_weight_decay"]
+    ck["config"]["weight_decay"] = 0.0  # before grpo.weight_decay: one top-level key for both groups
     ck["config_hash"] = "written-earlier"
     atomic_save(ck, tmp_path / "cut" / "ckpt.pt")
     res = rft.train(cfg_for(stage, tmp_path / "cut", "grpo.steps=2"))["history"]

@@ -55,7 +55,7 @@ def test_release_rft():
     # trainer: PPO min form, clip 0.2, dual clip 3, std-normalised advantages, grad clip 1, per-element sums
     assert (g.policy_loss, g.clip_eps, g.clip_ratio_c, g.normalize_adv_std, g.adv_eps) == ("ppo", 0.2, 3.0, True, 1e-6)
     assert (g.grad_clip, g.logprob_reduce, g.ratio_level, g.warmup_sigma) == (1.0, "sum", "element", False)
-    assert (c.weight_decay, c.sigma_min, c.sigma_max) == (0.01, 0.08, 0.2)
+    assert (g.weight_decay, g.sigma_weight_decay, c.sigma_min, c.sigma_max) == (0.01, 0.01, 0.08, 0.2)
     assert c.sigma_init == pytest.approx((0.08 * 0.2) ** 0.5, abs=1e-4)
     assert (c.wm_temperature, c.wm_top_p, c.wm_top_k) == (1.0, 0.8, 0)
     assert (r.lambda_1, r.lambda_lp, r.pixel_loss, r.lpips_net, r.aggregation, r.gamma) == (1.0, 1.0, "l1", "vgg", "mean", 0.95)

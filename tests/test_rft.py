@@ -59,12 +59,15 @@ def stage(tmp_path_factory):
     return make_stage_files(tmp_path_factory.mktemp("rft_stage"))
 
 
-def cfg_for(stage: dict, out: Path, *extra: str) -> rft.RFTConfig:
-    base = [f"{k}={v}" for k, v in stage.items()] + [
+def args_for(stage: dict, out: Path, *extra: str) -> list[str]:
+    return [f"{k}={v}" for k, v in stage.items()] + [
         f"out_dir={out}", "grpo.task_instances=2", "grpo.rollouts=3", "grpo.steps=3", "grpo.lr=1e-3",
         "grpo.sigma_lr=1e-3", "grpo.warmup_steps=2", "reward.lambda_lp=0", "image_every=2", "ckpt_every=2",
-        "progress=false", "device=cpu"]
-    return load_config(rft.RFTConfig, None, base + list(extra))
+        "progress=false", "device=cpu", "sigma_init=0.1", *extra]
+
+
+def cfg_for(stage: dict, out: Path, *extra: str) -> rft.RFTConfig:
+    return load_config(rft.RFTConfig, None, args_for(stage, out, *extra))
 
 
 def params(path: Path) -> dict:
@@ -136,10 +139,7 @@ def test_reference_shares_the_wm_batch(stage, tmp_path, monkeypatch):
 def test_two_gloo_ranks_equal_one(stage, tmp_path, wrap):
     extra = ["grpo.task_instances=4", "grpo.minibatches=2", "states_per_block=1", "grpo.steps=2"]
     one = rft.train(cfg_for(stage, tmp_path / "w1", *extra))
-    args = [f"{k}={v}" for k, v in stage.items()] + [
-        f"out_dir={tmp_path / 'w2'}", "grpo.rollouts=3", "grpo.lr=1e-3", "grpo.sigma_lr=1e-3", "grpo.warmup_steps=2",
-        "reward.lambda_lp=0", "image_every=2", "ckpt_every=2", "progress=false", "device=cpu",
-        f"distributed={wrap}", *extra]
+    args = args_for(stage, tmp_path / "w2", f"distributed={wrap}", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "python")}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                         "-m", "vla_rft_engine.cli", "rft", *args], env=env, capture_output=True, text=True, timeout=300)

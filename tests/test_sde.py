@@ -63,10 +63,10 @@ def test_reduce_sum_and_mean():
     pol = tiny_policy()
     z, s = cond(2)
     m = pol.sample_sde(z, s, 3, generator=torch.Generator().manual_seed(0))
-    pol.cfg.logprob_reduce = "sum"
-    sm = pol.sample_sde(z, s, 3, generator=torch.Generator().manual_seed(0))
+    sm = pol.sample_sde(z, s, 3, generator=torch.Generator().manual_seed(0), logprob_reduce="sum")
     torch.testing.assert_close(sm.log_prob, 10 * m.log_prob, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(pol.log_prob(sm.chain, z, s)["log_prob"].detach(), sm.log_prob, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pol.log_prob(sm.chain, z, s, logprob_reduce="sum")["log_prob"].detach(), sm.log_prob,
+                               rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="reduce"):
         sde_log_prob(pol.velocity, pol.sigma, sm.chain, z, s, reduce="max")
 

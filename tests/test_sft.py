@@ -68,8 +68,10 @@ def test_chunks_pad_with_last_action():
 def test_config_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown config key"):
         cfg(tmp_path, "nope=1")
-    with pytest.raises(ConfigError, match="sigma_min < sigma_max"):
-        cfg(tmp_path, "policy.sigma_min=0.9", "policy.sigma_max=0.1")
+    with pytest.raises(ConfigError, match="Stage II's .* vla-rft rft"):  # one owner: rft's sigma_min/max/init
+        cfg(tmp_path, "policy.sigma_init=0.1")
+    with pytest.raises(ConfigError, match="logprob_reduce"):  # Stage II's too: grpo.logprob_reduce
+        cfg(tmp_path, "policy.logprob_reduce=sum")
     from vla_rft_engine.cli import main
     assert main(["sft", "--help"]) == 0
     assert "tau_alpha" in capsys.readouterr().out

@@ -121,6 +121,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# keys that moved to their one owner (issue: one owner per setting); the error names the new home
+MOVED_KEYS = {"policy.logprob_reduce": "vla-rft rft's grpo.logprob_reduce (Eq. 8 is Stage II's)",
+              "weight_decay": "grpo.weight_decay (action head) and grpo.sigma_weight_decay (Sigma Net)"}
+
+
 def set_key(cfg, key: str, raw: Any) -> None:
     """Set a dotted key on a (nested) dataclass, type-checked. Unknown keys list the valid ones."""
     parts = key.split(".")
@@ -132,6 +137,8 @@ def set_key(cfg, key: str, raw: Any) -> None:
             keys = _valid_keys(cfg)
             near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(repr(k) for k in near)}? " if near else ""
+            if key in MOVED_KEYS:
+                hint = f"it is {MOVED_KEYS[key]} now; "
             raise ConfigError(f"unknown config key '{key}'; {hint}`--help` lists the {len(keys)} keys")
         if i < len(parts) - 1:
             obj = getattr(obj, p)

@@ -140,14 +140,15 @@ class VLAPolicy(nn.Module):
         return ode_sample(self.velocity, z, s, self.chunk_shape, num_steps or self.cfg.num_steps, noise, generator)
 
     def sample_sde(self, z, s, num_samples: int = 1, num_steps: int | None = None, generator=None,
-                   a0=None) -> SDESample:
+                   a0=None, logprob_reduce: str = "mean") -> SDESample:
+        """logprob_reduce: how Eq. 8 reduces over the K steps, "mean" (paper) or "sum" (release); Stage II's
+        setting (grpo.logprob_reduce), not the policy's."""
         return sde_sample(self.velocity, self.sigma, z, s, self.chunk_shape, num_samples,
-                          num_steps or self.cfg.num_steps, generator, self.cfg.logprob_reduce, self.cfg.backend, a0)
+                          num_steps or self.cfg.num_steps, generator, logprob_reduce, self.cfg.backend, a0)
 
-    def log_prob(self, chain, z, s, per_element: bool = False) -> dict[str, torch.Tensor]:
+    def log_prob(self, chain, z, s, per_element: bool = False, logprob_reduce: str = "mean") -> dict[str, torch.Tensor]:
         """models.sde.sde_log_prob; per_element adds element_log_prob / element_entropy (B, N, T, A)."""
-        return sde_log_prob(self.velocity, self.sigma, chain, z, s, self.cfg.logprob_reduce, self.cfg.backend,
-                            per_element)
+        return sde_log_prob(self.velocity, self.sigma, chain, z, s, logprob_reduce, self.cfg.backend, per_element)
 
     def restart_sigma(self, sigma_min: float = 0.0, sigma_max: float = 0.0, sigma_init: float = 0.0) -> None:
         """Stage II: give the Sigma Net new bounds (both > 0) and / or restart it at sigma_init for every input

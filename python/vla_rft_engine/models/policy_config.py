@@ -27,11 +27,11 @@ class PolicyConfig:
     heads: int = 4
     sigma_d_model: int = 64
     sigma_depth: int = 2
+    # the Sigma Net as built: vla-rft rft sets these (its sigma_min / sigma_max / sigma_init) and checkpoints carry them
     sigma_min: float = 0.01       # normalised action units
     sigma_max: float = 0.5
     sigma_init: float = 0.02
     num_steps: int = 10           # K (Eq. 5): delta = 1/K
-    logprob_reduce: str = "mean"  # Eq. 8: "mean" (paper) | "sum" (authors' code); vla-rft rft sets grpo.logprob_reduce
     backend: str = "auto"         # SDE kernels: "triton" | "torch" | "auto"
 
     def validate(self) -> None:
@@ -47,8 +47,6 @@ class PolicyConfig:
             raise ValueError(f"policy encoder must be 'small' or 'hf', got {self.encoder!r}")
         if self.encoder == "hf" and not self.hf_path:
             raise ValueError("policy.encoder=hf needs policy.hf_path (a save_pretrained directory)")
-        if self.logprob_reduce not in ("mean", "sum"):
-            raise ValueError(f"policy logprob_reduce must be 'mean' or 'sum', got {self.logprob_reduce!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"policy backend must be triton/torch/auto, got {self.backend!r}")
         for k in ("action_dim", "chunk_len", "proprio_dim", "num_steps"):

@@ -175,7 +175,7 @@ def lr_lambdas(cfg: GRPOConfig | None = None):
 
 
 def optimizer_param_groups(head_params, sigma_params, cfg: GRPOConfig | None = None) -> list[dict]:
-    """Two AdamW groups: the action head at lr, the Sigma Net at sigma_lr (Table 7)."""
+    """Two AdamW groups: the action head at lr, the Sigma Net at sigma_lr (Table 7), each with its weight decay."""
     cfg = cfg or GRPOConfig()
-    return [{"params": list(head_params), "lr": cfg.lr, "name": "action_head"},
-            {"params": list(sigma_params), "lr": cfg.sigma_lr, "name": "sigma"}]
+    return [{"params": list(head_params), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "action_head"},
+            {"params": list(sigma_params), "lr": cfg.sigma_lr, "weight_decay": cfg.sigma_weight_decay, "name": "sigma"}]

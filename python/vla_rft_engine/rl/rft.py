@@ -51,16 +51,17 @@ PHASES = ("encode", "sde", "wm_rollout", "reward", "update")
 
 class PolicyHeads(nn.Module):
     """The trainable part (action head + Sigma Net) as one module, so DDP / FSDP2 wrap exactly it.
-    per_element (grpo.ratio_level=element): log-probs and entropies per action element, not per rollout."""
+    per_element (grpo.ratio_level=element): log-probs and entropies per action element, not per rollout;
+    logprob_reduce: grpo.logprob_reduce (Eq. 8 over the K steps)."""
 
-    def __init__(self, policy, per_element: bool = False):
+    def __init__(self, policy, per_element: bool = False, logprob_reduce: str = "mean"):
         super().__init__()
         self.flow_head, self.sigma_net = policy.flow_head, policy.sigma_net
         self.__dict__["policy"] = policy  # not a submodule: the frozen encoder stays out of DDP/FSDP
-        self.per_element = per_element
+        self.per_element, self.logprob_reduce = per_element, logprob_reduce
 
     def forward(self, chain, z, s, actions=None, tau=None, noise=None):
-        out = self.policy.log_prob(chain, z, s, per_element=self.per_element)
+        out = self.policy.log_prob(chain, z, s, per_element=self.per_element, logprob_reduce=self.logprob_reduce)
         mse = None if actions is None else self.policy.flow_loss(z, s, actions, tau=tau, noise=noise, reduction="none")
         if self.per_element:
             return out["element_log_prob"], out["element_entropy"], mse
@@ -89,13 +90,12 @@ class RFTRun:
         if policy.cfg.action_dim != world.action_dim:
             raise ValueError(f"the policy acts in {policy.cfg.action_dim} dims, the world model's actions have "
                              f"{world.action_dim}; pair a policy and a world model trained on the same data")
-        policy.cfg.logprob_reduce = g.logprob_reduce
         policy.encoder.requires_grad_(False)  # frozen in Stage II (VLM frozen)
         policy.eval()  # no dropout: sampling and the update see the same networks
-        self.heads = du.wrap(PolicyHeads(policy, g.ratio_level == "element"), d, cfg.distributed)
+        self.heads = du.wrap(PolicyHeads(policy, g.ratio_level == "element", g.logprob_reduce), d, cfg.distributed)
         base = cast(PolicyHeads, du.unwrap(self.heads))
         self.opt = torch.optim.AdamW(optimizer_param_groups(base.flow_head.parameters(), base.sigma_net.parameters(),
-                                                            g), weight_decay=cfg.weight_decay)
+                                                            g))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambdas(g))
         self.params = [p for grp in self.opt.param_groups for p in grp["params"]]
         self.phase_mem: dict | None = None  # bench: set to {} to record CUDA peak bytes per phase
@@ -140,7 +140,7 @@ class RFTRun:
             s = pol.normalize_proprio(proprio)
             img = b["image"].to(dev)
         with self.phase("sde", timings):
-            out = pol.sample_sde(z, s, N, generator=gen)
+            out = pol.sample_sde(z, s, N, generator=gen, logprob_reduce=cfg.grpo.logprob_reduce)
         actions = pol.unnormalize_actions(out.actions)  # (k, N, C, A) raw
         ref = b["ref_actions"].to(dev)
         frames = None
@@ -284,6 +284,10 @@ class RFTRun:
 
 def _cfg_from(d: dict) -> RFTConfig:
     from ..config import from_dict
+    d = dict(d)
+    if "weight_decay" in d:  # runs from before grpo.weight_decay: one decay for both groups
+        wd = d.pop("weight_decay")
+        d["grpo"] = {"weight_decay": wd, "sigma_weight_decay": wd, **d.get("grpo", {})}
     return from_dict(RFTConfig, d)
 
 

@@ -43,6 +43,8 @@ class GRPOConfig:
     warmup_steps: int = 10           # release: lr_warmup_steps=10 (linear, then constant)
     warmup_sigma: bool = True        # the Sigma Net's lr warms up too; false: the action head's only (release)
     grad_clip: float = 1.0           # release (verl default)
+    weight_decay: float = 0.0        # AdamW, action head (release 0.01)
+    sigma_weight_decay: float = 0.0  # AdamW, Sigma Net (release 0.01)
     logprob_reduce: str = "mean"     # Eq. 8 (the release sums over steps)
 
     def validate(self) -> None:
@@ -62,6 +64,9 @@ class GRPOConfig:
             raise ValueError(f"GRPO needs N >= 2 rollouts per group, got rollouts={self.rollouts}")
         if self.mse_kl_high <= self.mse_kl_low:
             raise ValueError(f"mse_kl_high ({self.mse_kl_high}) must exceed mse_kl_low ({self.mse_kl_low})")
+        if self.weight_decay < 0 or self.sigma_weight_decay < 0:
+            raise ValueError(f"grpo.weight_decay and grpo.sigma_weight_decay must be >= 0, got {self.weight_decay}, "
+                             f"{self.sigma_weight_decay}")
         for name in ("ppo_epochs", "minibatches", "steps", "task_instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
@@ -102,9 +107,11 @@ class RFTConfig:
     segments: str = ""             # segments file: its action_ranges are the WM's discretizer
     action_ranges: str = ""        # or an ActionDiscretizer json (default: WORLD_MODEL/action_ranges.json)
     seed: int = 0
-    sigma_init: float = 0.0        # > 0: restart the Sigma Net at this std (normalised units); 0: the checkpoint's
-    sigma_min: float = 0.0         # > 0 with sigma_max: new Sigma Net bounds (release 0.08-0.2; then sigma_init
-    sigma_max: float = 0.0         # 0 = their geometric mean, ~0.13); 0: the checkpoint's
+    # the Sigma Net is Stage II's (SFT does not train it): a run starts it at sigma_init for every input, within
+    # [sigma_min, sigma_max] (normalised action units); the release uses 0.08-0.2
+    sigma_min: float = 0.01
+    sigma_max: float = 0.5
+    sigma_init: float = 0.02       # 0: the bounds' geometric mean (the release's zero-output start, ~0.13 there)
     states_per_block: int = 1      # start states per RNG stream / WM call; must divide S / world_size
     wm_temperature: float = 1.0    # release
     wm_top_p: float = 0.8          # release
@@ -115,7 +122,6 @@ class RFTConfig:
     wm_attn_backend: str = ""      # "" = the model's default (auto: triton on CUDA, the CPU decode path on CPU)
     noise_rows: int = 2            # extra rollouts re-sampling chunk 0: the reward std they show is world-model
                                    # noise, logged beside the in-group std (signal/*); 0 = off
-    weight_decay: float = 0.0      # AdamW, action head and Sigma Net (release 0.01 for both)
     max_flat_steps: int = 5        # stop after this many steps in a row with equal rewards in every group (0: never)
     stop_at: int = 0               # > 0: stop (checkpointed) after this step, as if interrupted
     log_every: int = 1
@@ -135,14 +141,12 @@ class RFTConfig:
             self.reward.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if (self.sigma_min > 0) != (self.sigma_max > 0) or 0 < self.sigma_max <= self.sigma_min:
-            raise ConfigError(f"sigma_min and sigma_max: set both (0 < sigma_min < sigma_max) or neither, got "
-                              f"{self.sigma_min}, {self.sigma_max}")
-        if self.sigma_min > 0 and self.sigma_init > 0 and not self.sigma_min < self.sigma_init < self.sigma_max:
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ConfigError(f"sigma_min and sigma_max need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                              f"{self.sigma_max}")
+        if self.sigma_init != 0 and not self.sigma_min < self.sigma_init < self.sigma_max:
             raise ConfigError(f"sigma_init={self.sigma_init} must lie inside (sigma_min, sigma_max) = "
                               f"({self.sigma_min}, {self.sigma_max})")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.noise_rows < 0:
             raise ConfigError(f"noise_rows must be >= 0, got {self.noise_rows}")
         if self.states_per_block < 1:

@@ -159,6 +159,7 @@ def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
         sd = ck["model"]
     pc = dict(ck["policy_config"])
     pc.setdefault("enc_version", 1)  # checkpoints from before enc_version existed hold the version-1 encoder
+    pc.pop("logprob_reduce", None)  # older checkpoints: now Stage II's setting (grpo.logprob_reduce)
     policy = VLAPolicy(from_dict(PolicyConfig, pc))
     policy.load_state_dict(sd)
     cfg = ck.get("config") or {}

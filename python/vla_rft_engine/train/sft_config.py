@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from ..config import ConfigError
 from ..models.policy_config import FLOW_TAU, PolicyConfig
 
+SIGMA_KEYS = ("sigma_min", "sigma_max", "sigma_init")  # owned by vla-rft rft
+
 
 @dataclass
 class SFTConfig:
@@ -44,6 +46,10 @@ class SFTConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.tau_alpha <= 0 or self.tau_beta <= 0:
             raise ConfigError("tau_alpha and tau_beta must be > 0")
+        fresh = PolicyConfig()
+        if any(getattr(self.policy, k) != getattr(fresh, k) for k in SIGMA_KEYS):
+            raise ConfigError("policy.sigma_min / sigma_max / sigma_init are Stage II's (SFT does not train the Sigma "
+                              "Net): set sigma_min / sigma_max / sigma_init in vla-rft rft")
         try:
             self.policy.validate()
         except ValueError as e:
