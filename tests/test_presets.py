@@ -16,9 +16,9 @@ from vla_rft_engine.train.world_model_config import WMTrainConfig
 
 
 def test_presets_ship_inside_the_package():
-    assert preset_names() == ["paper", "release"]
+    assert preset_names() == ["paper", "r1_control", "release", "smoke", "validation"]
     pkg = resources.files("vla_rft_engine") / "configs"
-    assert (pkg / "paper.yaml").is_file() and (pkg / "release.yaml").is_file()  # setup.py package_data: configs/*.yaml
+    assert all((pkg / f"{n}.yaml").is_file() for n in preset_names())  # setup.py package_data: configs/*.yaml
 
 
 def test_paper_rft_is_table7():
@@ -74,7 +74,8 @@ def test_overrides_win_and_a_path_still_works(tmp_path):
 
 
 def test_unknown_names_and_missing_sections_are_one_line_errors(tmp_path, capsys):
-    with pytest.raises(ConfigError, match=r"'papr' is neither a file nor a shipped preset \(paper, release\)"):
+    names = r"\(paper, r1_control, release, smoke, validation\)"
+    with pytest.raises(ConfigError, match=r"'papr' is neither a file nor a shipped preset " + names):
         load_config(RFTConfig, "papr", command="rft")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(RFTConfig, str(tmp_path / "nope.yaml"), command="rft")
@@ -84,7 +85,7 @@ def test_unknown_names_and_missing_sections_are_one_line_errors(tmp_path, capsys
         load_config(RFTConfig, "paper")
     assert cli.main(["rft", "--config", "relase"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "paper, release" in err and "relase" in err
+    assert err.count("\n") == 0 and "r1_control, release" in err and "relase" in err
 
 
 def test_help_shows_the_preset(capsys):
@@ -92,4 +93,4 @@ def test_help_shows_the_preset(capsys):
     out = capsys.readouterr().out
     assert "grpo.ratio_level=element" in out and "grpo.clip_ratio_c=3.0" in out
     assert cli.main(["--help"]) == 0
-    assert "paper, release" in capsys.readouterr().out
+    assert "paper, r1_control, release, smoke, validation" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import pytest
 from vla_rft_engine import cli
 from vla_rft_engine.config import ConfigError, load_config
 from vla_rft_engine.quickstart import STAGES, QuickstartConfig
+from vla_rft_engine.rl.rft_config import RFTConfig
 
 TINY = ["num_demos=6", "wm_demos=4", "wm_train_demos=4", "tokenizer.steps=2", "tokenizer.eval_pairs=4", "world_model.steps=2",
         "world_model.batch_size=2", "sft.steps=2", "sft.batch_size=8", "rft.grpo.steps=2", "rft.grpo.task_instances=2",
@@ -72,10 +73,24 @@ def test_bad_input_errors(capsys):
 
 
 def test_smoke_preset_is_small_and_overridable():
-    from vla_rft_engine.quickstart import SMOKE
-    c = load_config(QuickstartConfig, None, SMOKE + ["sft.steps=7"])
+    c = load_config(QuickstartConfig, "smoke", ["sft.steps=7"], command="quickstart")
     assert c.out_dir == "runs/quickstart_smoke" and c.seeds == [0] and c.sft.steps == 7
     assert c.world_model.steps < QuickstartConfig().world_model.steps
+    assert QuickstartConfig.expand_argv(["--smoke", "x=1"]) == ["--config", "smoke", "x=1"]
+    with pytest.raises(ConfigError, match="--smoke is `--config smoke`"):
+        QuickstartConfig.expand_argv(["--smoke", "--config", "paper"])
+
+
+def test_named_quickstart_presets():
+    d = QuickstartConfig()
+    v = load_config(QuickstartConfig, "validation", command="quickstart")
+    assert v.eval_seed == 50_000 != d.eval_seed  # the choosing range, never the test range
+    assert (v.rft.grpo.steps, v.sft.steps, v.seeds) == (d.rft.grpo.steps, d.sft.steps, d.seeds)  # else the default
+    r1 = load_config(QuickstartConfig, "r1_control", command="quickstart")
+    assert r1.rft.reward.design == "r1" and d.rft.reward.design == "r3"  # the control is never the default
+    assert (r1.rft.grpo.lr, r1.rft.grpo.steps, r1.rft.sigma_init) == (1e-5, 60, 0.1)
+    with pytest.raises(ConfigError, match="no section for `vla-rft rft`"):
+        load_config(RFTConfig, "smoke", command="rft")
 
 
 def test_stage_keys_the_quickstart_sets_are_refused(capsys):

@@ -28,7 +28,7 @@ import numpy as np
 
 from .cli import parse_command
 from .config import check_resume_config, save_config, to_dict
-from .quickstart_config import SMOKE, QuickstartConfig
+from .quickstart_config import QuickstartConfig
 from .rl.rft_config import RFTConfig
 from .utils import RunDirLock, atomic_write_text
 
@@ -186,4 +186,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["QuickstartConfig", "Quickstart", "main", "STAGES", "SMOKE"]
+__all__ = ["QuickstartConfig", "Quickstart", "main", "STAGES"]

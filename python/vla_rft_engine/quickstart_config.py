@@ -12,13 +12,9 @@ from .train.tokenizer_config import TokenizerTrainConfig
 from .train.world_model_config import WMTrainConfig
 
 
-# `vla-rft quickstart --smoke`: every stage at small sizes in about two minutes on a laptop CPU, to check an
-# install or a change end to end; its numbers mean nothing. key=value overrides still apply on top.
-SMOKE = ["out_dir=runs/quickstart_smoke", "num_demos=12", "wm_demos=8", "wm_train_demos=8",
-         "tokenizer.steps=20", "tokenizer.eval_pairs=8",
-         "world_model.steps=40", "world_model.batch_size=4", "sft.steps=40", "rft.grpo.steps=3",
-         "rft.grpo.task_instances=2", "rft.grpo.rollouts=4", "rft.states_per_block=2", "eval_episodes=2", "seeds=[0]",
-         "settings=[none,all_major]"]
+# Named runs ship as presets in vla_rft_engine/configs/ (`--config NAME`): smoke (every stage in about two
+# minutes; `--smoke` is its short form), validation (the episodes settings are chosen on), r1_control (the R1
+# control, which never runs the world model).
 
 
 def _tokenizer() -> TokenizerTrainConfig:
@@ -89,8 +85,12 @@ class QuickstartConfig:
 
     @staticmethod
     def expand_argv(argv: list[str]) -> list[str]:
-        """`--smoke`: the SMOKE settings, then the user's key=value on top."""
-        return SMOKE + [a for a in argv if a != "--smoke"] if "--smoke" in argv else argv
+        """`--smoke` = `--config smoke`; the user's key=value still apply on top."""
+        if "--smoke" not in argv:
+            return argv
+        if any(a == "--config" or a.startswith("--config=") for a in argv):
+            raise ConfigError("--smoke is `--config smoke`: give one of them")
+        return ["--config", "smoke"] + [a for a in argv if a != "--smoke"]
 
     def validate(self) -> None:
         from .envs.perturb import check_perturbation
