@@ -37,3 +37,18 @@ def test_bad_values_and_presets_are_checked_without_torch():
 
 def test_every_command_with_settings_has_a_torch_free_config():
     assert set(CONFIGS) <= set(COMMANDS) and set(COMMANDS) - set(CONFIGS) == {"info"}
+
+
+def test_a_source_checkout_on_sys_path_does_not_shadow_pypi_kernels():
+    """`python -m vla_rft_engine.cli` from the checkout: its top-level kernels/ must not stand in for the PyPI
+    `kernels` package (transformers >= 5 imports it)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import importlib.util, sys\nfrom vla_rft_engine import cli\n"
+             "before = importlib.util.find_spec('kernels')\ncli._unshadow()\n"
+             "after = importlib.util.find_spec('kernels')\n"
+             "print(before.origin if before else None)\nprint(after.origin if after else None)")
+    p = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
+    before, after = p.stdout.split()
+    assert before.startswith(str(root))  # `-c` / `-m` put the checkout first: the shadowing is real
+    assert after == "None" or not after.startswith(str(root))

@@ -25,8 +25,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _unshadow() -> None:
+    """`python -m vla_rft_engine.cli` (torchrun too) from a source checkout puts the checkout on sys.path, where
+    its top-level kernels/ (installed as vla_rft_engine.kernels) would shadow the PyPI `kernels` package that
+    transformers >= 5 imports (policy.encoder=hf)."""
+    def checkout(p: str) -> bool:
+        d = os.path.abspath(p or os.curdir)
+        return os.path.isfile(os.path.join(d, "setup.py")) and os.path.isfile(os.path.join(d, "kernels", "sampling.py"))
+    sys.path[:] = [p for p in sys.path if not checkout(p)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _unshadow()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
