@@ -69,3 +69,36 @@ def test_gumbel_noise_out_buffer_same_stream():
     assert b.data_ptr() == buf.data_ptr() and torch.equal(a, b)
     u = torch.rand((3, 50), generator=torch.Generator().manual_seed(4)).clamp(1e-10, 1.0 - 1e-7)
     assert torch.equal(a, -torch.log(-torch.log(u)))
+
+
+@pytest.mark.parametrize("scale", [2.0, 4.0, 8.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.8, 0.95])
+def test_cpu_sampler_head_cut_equals_full_sort(scale, top_p):
+    """Peaked rows (a trained model's) take the head path: only the values above 1/V are sorted. Its cut is
+    the full sort's, and the tokens are the reference's."""
+    from vla_rft_engine.kernels.sampling import _full_cut, _head_cut, sample_cpu
+    g = torch.Generator().manual_seed(int(scale * 100 + top_p * 10))
+    logits = torch.randn(34, 4375, generator=g) * scale
+    logits[:3] = logits[:3] * 3  # a few much sharper rows beside the others
+    p = logits.softmax(-1).numpy()
+    head = _head_cut(p, top_p)
+    if top_p < 0.9:  # the head (values above 1/V) holds the mass here; at 0.95 it may not, and then declines
+        assert head is not None
+    assert head is None or torch.equal(head, _full_cut(p, top_p))
+    noise = gumbel_noise(logits.shape, generator=g)
+    tok, lp = sample_cpu(logits, noise, 1.0, 0, top_p)
+    rtok, rlp = sample_reference(logits, noise, 1.0, 0, top_p)
+    assert torch.equal(tok, rtok) and torch.equal(lp, rlp)
+
+
+def test_cpu_sampler_head_cut_declines_when_unsure():
+    """A flat row (the cut lies among values below 1/V) or a head whose mass barely reaches top_p: no head
+    cut, the full sort decides."""
+    from vla_rft_engine.kernels.sampling import _head_cut
+    flat = torch.randn(4, 4375).mul(0.3).softmax(-1).numpy()
+    assert _head_cut(flat, 0.8) is None
+    p = torch.zeros(2, 100)
+    p[:, :4] = torch.tensor([0.4, 0.3, 0.1, 0.1])  # mass above 1/V: 0.9; the rest spread below 1/V
+    p[:, 4:] = 0.1 / 96
+    assert _head_cut(p.numpy(), 0.5) is not None
+    assert _head_cut(p.numpy(), 0.9) is None  # the head's mass does not exceed top_p by more than rounding
