@@ -36,6 +36,12 @@ class Diverged(UserError, FloatingPointError):
 class BadFileError(UserError, RuntimeError):
     """A file is corrupt, of another format, or not loadable without running code (weights_only)."""
 
+    @classmethod
+    def of(cls, what: str, e: BaseException, fix: str) -> "BadFileError":
+        """'<what> (<the loader's first line>); <fix>': one line, whatever the loader raised."""
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return cls(f"{what} ({why}); {fix}")
+
 
 class NonFiniteError(ValueError):
     """A tensor holds NaN/Inf (models.encoders.check_finite): bad input, or inside a training step, divergence."""

@@ -99,9 +99,8 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", map_location="cp
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle that wants to build arbitrary objects
         from .config import BadFileError
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise BadFileError(f"{what} at {path} is corrupt or not a plain-data torch checkpoint (loaded with "
-                           f"weights_only=True: {why}); delete it and re-run the stage that writes it") from None
+        raise BadFileError.of(f"{what} at {path} is corrupt or not a plain-data torch checkpoint (loaded with "
+                              "weights_only=True)", e, "delete it and re-run the stage that writes it") from None
 
 
 def save_weights(path: str | Path, tensors: dict, meta: dict) -> Path:
@@ -128,9 +127,8 @@ def load_weights(path: str | Path, what: str = "weights") -> tuple[dict, dict]:
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:
         from .config import BadFileError
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise BadFileError(f"{what} at {path} is corrupt or not a safetensors file ({why}); delete it and re-run "
-                           "the stage that writes it") from None
+        raise BadFileError.of(f"{what} at {path} is corrupt or not a safetensors file", e,
+                              "delete it and re-run the stage that writes it") from None
 
 
 def _json_number(v) -> float | None:

@@ -315,8 +315,7 @@ _RUNTIME = {"attn_backend", "norm_backend"}  # settings that do not touch the we
 
 def _bad_file(f: Path, e: Exception):
     from ..config import BadFileError
-    why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return BadFileError(f"{f} is corrupt ({why}); re-run `vla-rft pretrain-wm` or restore the world-model directory")
+    return BadFileError.of(f"{f} is corrupt", e, "re-run `vla-rft pretrain-wm` or restore the world-model directory")
 
 
 def _read_json(f: Path) -> dict:
