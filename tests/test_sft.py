@@ -1,5 +1,10 @@
-"""Stage I SFT: resume == uninterrupted, checkpoint contents, logs, learning on toy data, CLI."""
+"""Stage I SFT: resume == uninterrupted, checkpoint contents, logs, learning on toy data, CLI, and under torchrun
+(DDP, FSDP2) 2 gloo ranks, stopped and resumed, == one process."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,28 +113,80 @@ def test_readout_trains_at_its_own_lr(tmp_path):
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == n_trained
 
 
-def test_two_gloo_ranks_equal_one(tmp_path):
-    """torchrun DDP: each rank trains on half of one global batch; losses and weights match one process."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    sft.train(cfg(tmp_path / "one", "steps=4", "ckpt_every=100"))
-    args = TINY + [f"out_dir={tmp_path / 'two'}", "steps=4", "ckpt_every=100", "device=cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "python")}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29529",
-                        "-m", "vla_rft_engine.cli", "sft", *args], env=env, capture_output=True, text=True, timeout=300)
+def test_evaluation_shares_add_up_to_one_process(tmp_path, monkeypatch):
+    """Each of 3 ranks evaluates its share of 11 val samples (4, 4, 3: the last share repeats a sample at weight
+    0 so every rank runs as many forwards); the shares' sums are the one-process evaluation."""
+    from vla_rft_engine import distributed as du
+    from vla_rft_engine.models.policy import VLAPolicy
+    c = cfg(tmp_path, "eval_max=11", "batch_size=6")
+    data = sft.ChunkData(sft.synthetic_demos(2, image_size=16), [0, 1], c.policy.chunk_len)
+    torch.manual_seed(0)
+    policy = VLAPolicy(c.policy)
+    policy.set_norm_stats(data.raw_actions, data.proprio)
+    one = sft.evaluate(policy, data, c, torch.device("cpu"))
+    monkeypatch.setattr(du, "all_sum", lambda d, x: x)  # each fake rank's own share, not reduced
+    shares = [sft.evaluate(policy, data, c, torch.device("cpu"), du.Dist(rank=r, world=3)) for r in range(3)]
+    for k, v in one.items():
+        assert sum(s[k] for s in shares) == pytest.approx(v, rel=1e-5), k
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m vla_rft_engine.cli sft ...` on CPU processes (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "python")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "vla_rft_engine.cli", "sft", *TINY, "device=cpu", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process, 6 uninterrupted steps, evaluated at 4 and 6."""
+    out = tmp_path_factory.mktemp("sft_one")
+    sft.train(cfg(out, "steps=6", "ckpt_every=100"))
+    return out
+
+
+@pytest.mark.parametrize("wrap,resume_ranks", [("ddp", 2), ("fsdp2", 2), ("fsdp2", 1)])
+def test_two_gloo_ranks_stopped_and_resumed_equal_one_process(tmp_path, one_process, wrap, resume_ranks):
+    """torchrun, DDP or FSDP2: each rank trains on half of one global batch and evaluates half of the val samples.
+    Stopped after step 3 (as if killed: the checkpoint is the last thing written) and resumed by 2 ranks, or by
+    one process from the sharded run's checkpoint: every logged loss, gradient norm and val metric, the weights
+    and the Adam moments equal the one uninterrupted process's."""
+    two = tmp_path / "two"
+    p = _torchrun(f"out_dir={two}", "steps=6", "stop_at=3", "ckpt_every=100", f"distributed={wrap}")
     assert p.returncode == 0, p.stderr[-3000:]
-    one, two = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
-    assert len(one) == len(two) and [r["step"] for r in one] == [r["step"] for r in two]
-    for a, b in zip(one, two):
+    assert torch.load(two / "ckpt.pt", weights_only=True)["step"] == 3
+    if resume_ranks == 2:
+        p = _torchrun(f"out_dir={two}", "steps=6", "ckpt_every=100", f"distributed={wrap}")
+        assert p.returncode == 0, p.stderr[-3000:]
+    else:
+        sft.train(cfg(two, "steps=6", "ckpt_every=100"))
+    one_log, two_log = (read_jsonl(d / "metrics.jsonl") for d in (one_process, two))
+    assert [r["step"] for r in two_log] == [r["step"] for r in one_log] == [1, 2, 3, 4, 4, 5, 6, 6]
+    for a, b in zip(one_log, two_log):
+        assert set(a) == set(b)
         for k in a:
-            if k.startswith(("train/flow_loss", "val/")):
-                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in ("one", "two"))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
+            if k.startswith(("train/", "val/")):
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (one_process, two))
+    assert a["step"] == b["step"] == 6 and set(a["model"]) == set(b["model"])
+    for k in a["model"]:  # Adam divides by sqrt of near-zero second moments: summation order shows at 1e-5
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=2e-5, msg=k)
+    assert [g["params"] for g in a["optimizer"]["param_groups"]] == [g["params"] for g in b["optimizer"]["param_groups"]]
+    for i, st in a["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(b["optimizer"]["state"][i][k], st[k], rtol=1e-4, atol=1e-6)
+    pol = sft.load_policy(two / "policy.safetensors")
+    for k, v in pol.state_dict().items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_two_gloo_ranks_stop_together_on_divergence(tmp_path):
+    """lr=1e30: both ranks report the same first non-finite step, one line each, and exit; no rank waits."""
+    p = _torchrun(f"out_dir={tmp_path}", "steps=20", "lr=1e30", "distributed=fsdp2")
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if "sft diverged at step" in ln]
+    assert len(lines) == 2 and len({ln.split("diverged at step")[1].split(":")[0] for ln in lines}) == 1, p.stderr[-3000:]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):

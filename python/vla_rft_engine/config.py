@@ -242,7 +242,8 @@ def flat_dict(d: dict, prefix: str = "") -> dict:
 
 
 RESUME_RUNTIME_KEYS = frozenset({"out_dir", "steps", "stop_at", "log_every", "ckpt_every", "eval_every", "resume",
-                                  "progress", "device"})  # may differ between a run and its resume
+                                  "progress", "device", "distributed"})  # may differ between a run and its resume
+# (distributed: checkpoints hold the full state in one layout whatever the wrap, see distributed.model_state)
 
 
 def check_resume_config(saved: dict | None, cfg, out_dir, runtime=RESUME_RUNTIME_KEYS,

@@ -1,4 +1,4 @@
-"""Process-group plumbing for `torchrun --nproc_per_node=K -m vla_rft_engine.cli {rft,pretrain-wm} ...`.
+"""Process-group plumbing for `torchrun --nproc_per_node=K -m vla_rft_engine.cli {rft,pretrain-wm,sft} ...`.
 
 NCCL on GPUs (one GPU per rank, LOCAL_RANK), gloo on CPU processes. Without torchrun (no WORLD_SIZE in
 the environment) everything here degrades to a single process: no process group, identity reductions.
@@ -115,6 +115,15 @@ def all_gather_rows(d: Dist, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(x.device)
 
 
+def all_sum(d: Dist, x: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over ranks (a new tensor on x's device)."""
+    if not d.enabled:
+        return x
+    y = x.detach().clone().to(_comm_device(d))
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
 def scalar_mean(d: Dist, x: torch.Tensor) -> torch.Tensor:
     if not d.enabled:
         return x
@@ -154,16 +163,65 @@ def shard(units: list[nn.Module]) -> None:
         fully_shard(u)
 
 
+def reshard(module: nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 unit in `module` (nothing to do without FSDP2). A root unit keeps
+    them after its forward for the backward that usually follows; after a no-grad forward (an evaluation) they
+    would stay, and the state-dict and optimizer code could not match them to the sharded parameters."""
+    if not dist.is_initialized():
+        return
+    from torch.distributed.fsdp import FSDPModule
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def data_parallel(loss_module: nn.Module, d: Dist, kind: str, units: list[nn.Module]) -> tuple[nn.Module, bool]:
+    """(the module a training step calls, whether the weights are sharded). kind ddp: DDP over `loss_module`;
+    fsdp2: each of `units` (the trained parts the loss calls directly) its own FSDP2 unit, the rest replicated.
+    Single process: the module itself. Build the optimizer after this: FSDP2 replaces the units' parameters."""
+    if d.enabled and kind == "fsdp2":
+        shard(units)
+        return loss_module, True
+    return wrap(loss_module, d, "ddp"), False
+
+
+def agreed_loss(d: Dist, what: str, step: int, lr: float, forward) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a training step's forward -> (this rank's loss, its mean over ranks: the whole batch's loss when the
+    shares are equal). Pass the mean with the gradient norm (the same on every rank) to utils.check_finite_step:
+    a NaN/Inf on any rank is then NaN on all of them, and every rank stops at the same step, before the
+    optimizer applies it. Under torchrun the in-forward finite checks (NonFiniteError) are deferred: one rank
+    raising half-way through a forward would leave the others waiting in a collective (an FSDP2 all-gather,
+    DDP's gradient all-reduce); the NaN flows on into the loss and the agreement instead. Single process: the
+    checks raise as before (utils.diverged_if_non_finite)."""
+    from .models.encoders import deferred_finite_checks
+    from .utils import diverged_if_non_finite
+    with deferred_finite_checks() if d.enabled else diverged_if_non_finite(what, step, lr):
+        loss = forward()
+    return loss, scalar_mean(d, loss.detach())
+
+
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_; the norm as a plain tensor (FSDP2: the DTensor's value, reduced over shards),
+    the same on every rank."""
+    g = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    full = getattr(g, "full_tensor", None)
+    return full() if full is not None else g
+
+
 def model_state(model: nn.Module, opt: torch.optim.Optimizer, sharded: bool):
-    """(model state dict, optimizer state dict), full and on the CPU; sharded: a collective (all ranks call)."""
+    """(model state dict, optimizer state dict), full and on the CPU; sharded: a collective (all ranks call; the
+    main rank receives them). The optimizer state is torch's own layout (parameters numbered in param-group
+    order) in both cases, so a checkpoint resumes under any rank count or wrap."""
     if not sharded:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
+    osd = get_optimizer_state_dict(model, opt, options=o)
+    return get_model_state_dict(model, options=o), _numbered(osd, _param_names(model, opt))
 
 
 def load_model_state(model: nn.Module, opt: torch.optim.Optimizer, sharded: bool, sd: dict, osd: dict) -> None:
+    """model_state's dicts back (every rank passes the full ones)."""
     if not sharded:
         model.load_state_dict(sd)
         opt.load_state_dict(osd)
@@ -171,7 +229,29 @@ def load_model_state(model: nn.Module, opt: torch.optim.Optimizer, sharded: bool
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     o = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, sd, options=o)
-    set_optimizer_state_dict(model, opt, osd, options=o)
+    set_optimizer_state_dict(model, opt, _named(osd, _param_names(model, opt)), options=o)
+
+
+def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def _numbered(osd: dict, names: list[str]) -> dict:
+    """A name-keyed optimizer state dict (torch.distributed.checkpoint) in torch's numbered layout."""
+    if not osd:  # not the main rank
+        return osd
+    idx = {n: i for i, n in enumerate(names)}
+    return {"state": {idx[k]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [idx[n] for n in g["params"]]} for g in osd["param_groups"]]}
+
+
+def _named(osd: dict, names: list[str]) -> dict:
+    if all(isinstance(k, str) for k in osd["state"]) and all(isinstance(n, str) for g in osd["param_groups"]
+                                                             for n in g["params"]):
+        return osd  # already name-keyed (checkpoints written before model_state numbered them)
+    return {"state": {names[int(k)]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in osd["param_groups"]]}
 
 
 def unwrap(module: nn.Module) -> nn.Module:

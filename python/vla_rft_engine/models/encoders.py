@@ -13,6 +13,7 @@ first, then the text), masked-mean-pooled; frozen, with optional LoRA on the tex
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import zlib
@@ -24,9 +25,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+_deferred = [0]  # > 0: inside deferred_finite_checks
+
+
+@contextlib.contextmanager
+def deferred_finite_checks():
+    """check_finite does nothing inside: a NaN/Inf flows on into the result, which the caller checks instead
+    (a multi-process training step: every rank must reach the same collectives, see distributed.agreed_loss)."""
+    _deferred[0] += 1
+    try:
+        yield
+    finally:
+        _deferred[0] -= 1
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Eager input check; skipped while torch.export / torch.compile trace (a data-dependent branch there)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """Eager input check; skipped while torch.export / torch.compile trace (a data-dependent branch there) and
+    inside deferred_finite_checks."""
+    if _deferred[0] or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
     if t.is_floating_point() and not torch.isfinite(t).all():
         from ..config import NonFiniteError

@@ -12,6 +12,12 @@ repeats an uninterrupted one exactly. The Sigma Net is not trained here (Stage I
 Writes out_dir/{policy.safetensors, ckpt.pt, metrics.jsonl, tb/, config.yaml}: policy.safetensors is the deployable
 policy (weights with the action/proprio normalisation statistics, its config in the header; no pickle),
 ckpt.pt the training state for resuming (optimizer, scheduler; read as plain data). load_policy reads either.
+
+Multi-process: `torchrun --nproc_per_node=K -m vla_rft_engine.cli sft [distributed=fsdp2] ...`. Every rank draws
+the same global batch and trains on its share (DDP averages the gradients; FSDP2 shards the trained parts, the
+flow head and the encoder unless it is frozen, with their Adam state); the periodic evaluation runs on every
+rank over a share of the val samples. Checkpoints hold the full state (written by rank 0, read by all), so a
+run resumes under any rank count or wrap.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from ..config import ConfigError, check_resume_config, from_dict, save_config, t
 from ..models.policy import VLAPolicy
 from ..models.policy_config import FLOW_TAU, PolicyConfig
 from .sft_config import SFTConfig
-from ..utils import (load_weights, save_weights, RunLogger, atomic_save, check_finite_step, diverged_if_non_finite, load_checkpoint,
+from ..utils import (load_weights, save_weights, RunLogger, atomic_save, check_finite_step, load_checkpoint,
                      resolve_device, seed_everything)
 
 
@@ -103,27 +109,41 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
 
 # ---- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(policy: VLAPolicy, data: ChunkData, cfg: SFTConfig, device) -> dict:
-    """Val flow loss (fixed tau/noise) and L1 of the ODE policy's chunk vs the expert's, per action dim."""
+def evaluate(policy: VLAPolicy, data: ChunkData, cfg: SFTConfig, device, d: du.Dist | None = None) -> dict:
+    """Val flow loss (fixed tau/noise) and L1 of the ODE policy's chunk vs the expert's, per action dim.
+    Under torchrun every rank evaluates a share of the samples (the same number of forwards on each, a share
+    that runs short repeats a sample at weight 0: under FSDP2 every forward is a collective) and the sums are
+    reduced, so the result is one process's, on every rank."""
+    d = d or du.Dist()
     policy.eval()
     g = torch.Generator().manual_seed(cfg.seed + 99991)
     n = min(len(data), cfg.eval_max)
     idx = torch.randperm(len(data), generator=g)[:n]
-    losses, l1 = [], []
-    for i in range(0, n, cfg.batch_size):
-        img, instr, prop, act = data.batch(idx[i:i + cfg.batch_size])
+    C, A = policy.chunk_shape
+    tau, noise, noise_ode = _beta(cfg, n, g), torch.randn(n, C, A, generator=g), torch.randn(n, C, A, generator=g)
+    rows = torch.arange(n).tensor_split(d.world)[d.rank]
+    per = math.ceil(n / d.world)
+    weight = torch.cat([torch.ones(len(rows)), torch.zeros(per - len(rows))]).to(device, torch.float64)
+    rows = torch.cat([rows, rows.new_zeros(per - len(rows))])
+    sums = torch.zeros(1 + A, dtype=torch.float64, device=device)  # flow loss, L1 per action dim
+    mb = max(1, cfg.batch_size // d.world)
+    for i in range(0, per, mb):
+        r, w = rows[i:i + mb], weight[i:i + mb]
+        img, instr, prop, act = data.batch(idx[r])
+        act = act.to(device)
         z = policy.encode(img.to(device), instr, prop.to(device))
         s = policy.normalize_proprio(prop.to(device))
-        tau = _beta(cfg, len(act), g).to(device)
-        noise = torch.randn(act.shape, generator=g).to(device)
-        losses.append(policy.flow_loss(z, s, policy.normalize_actions(act.to(device)), tau=tau, noise=noise,
-                                       reduction="none"))
-        pred = policy.unnormalize_actions(policy.sample_ode(z, s, noise=torch.randn(act.shape, generator=g).to(device)))
-        l1.append((pred - act.to(device)).abs().mean(1))  # (b, A)
+        loss = policy.flow_loss(z, s, policy.normalize_actions(act), tau=tau[r].to(device), noise=noise[r].to(device),
+                                reduction="none")
+        pred = policy.unnormalize_actions(policy.sample_ode(z, s, noise=noise_ode[r].to(device)))
+        sums[0] += (loss.double() * w).sum()
+        sums[1:] += ((pred - act).abs().mean(1).double() * w[:, None]).sum(0)  # (A,)
     policy.train()
-    l1_all = torch.cat(l1)
-    out = {"val/flow_loss": torch.cat(losses).mean().item(), "val/l1": l1_all.mean().item()}
-    out.update({f"val/l1_dim{d}": v for d, v in enumerate(l1_all.mean(0).tolist())})
+    du.reshard(policy)  # FSDP2: back to the shards the optimizer holds
+    sums = du.all_sum(d, sums)
+    l1 = (sums[1:] / n).tolist()
+    out = {"val/flow_loss": float(sums[0]) / n, "val/l1": sum(l1) / A}
+    out.update({f"val/l1_dim{k}": v for k, v in enumerate(l1)})
     return out
 
 
@@ -181,8 +201,8 @@ class _FlowLoss(torch.nn.Module):
 
 
 def train(cfg: SFTConfig) -> dict:
-    """Train (or resume). Under `torchrun --nproc_per_node=K` (DDP, gloo on CPUs): every rank draws the same
-    global batch and trains on its 1/K share, so K ranks take the same steps as one process."""
+    """Train (or resume). Under `torchrun --nproc_per_node=K` (DDP, or distributed=fsdp2; gloo on CPUs): every
+    rank draws the same global batch and trains on its 1/K share, so K ranks take the same steps as one process."""
     with du.session(resolve_device(cfg.device).type, cfg.out_dir) as d:
         return _train(cfg, d)
 
@@ -194,7 +214,9 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = d.device
     seed_everything(cfg.seed)
-    demos = get_demos(cfg)
+    demos = get_demos(cfg) if d.is_main else None
+    du.barrier(d)  # rank 0 collected (and cached) the built-in demos once; the others read its cache
+    demos = demos if demos is not None else get_demos(cfg)
     n_ep = len(demos["actions"])
     if demos["actions"].shape[-1] != cfg.policy.action_dim or demos["proprio"].shape[-1] != cfg.policy.proprio_dim:
         raise ConfigError(f"demos have action dim {demos['actions'].shape[-1]} / proprio dim "
@@ -205,8 +227,9 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
 
     policy = VLAPolicy(cfg.policy).to(device)
     policy.set_norm_stats(train_data.raw_actions, train_data.proprio)
-    policy.sigma_net.requires_grad_(False)  # Stage II's; SFT trains the flow head (and encoder readout) only
-    loss_fn = du.wrap(_FlowLoss(policy), d, "ddp")
+    policy.sigma_net.requires_grad_(False)  # Stage II's; SFT trains the flow head and the encoder's trainable part
+    trained = [policy.flow_head] + ([policy.encoder] if any(p.requires_grad for p in policy.encoder.parameters()) else [])
+    loss_fn, sharded = du.data_parallel(_FlowLoss(policy), d, cfg.distributed, trained)
     share = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
     params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("sigma_net.")]
     readout: list[torch.nn.Parameter] = getattr(policy.encoder, "readout_parameters", list)()
@@ -224,24 +247,24 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
     ckpt_path, start = out / "ckpt.pt", 0
-    if cfg.resume and ckpt_path.is_file():
+    if cfg.resume and ckpt_path.is_file():  # every rank reads it
         ck = load_checkpoint(ckpt_path, "SFT checkpoint", map_location=device)
         check_resume_config(ck.get("config"), cfg, out)
-        policy.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        du.load_model_state(policy, opt, sharded, ck["model"], ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
     if d.is_main:
         save_config(cfg, out / "config.yaml")
     logger = RunLogger(out, resume_step=start) if d.is_main else None
+    policy.flow_tau = (cfg.tau_alpha, cfg.tau_beta)
 
-    def save(step, metrics):
-        atomic_save({"model": policy.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "step": step, "config": to_dict(cfg), "policy_config": to_dict(cfg.policy),
-                     "norm_stats": policy.norm_stats(), "flow_tau": (cfg.tau_alpha, cfg.tau_beta), "metrics": metrics},
-                    ckpt_path)
-        policy.flow_tau = (cfg.tau_alpha, cfg.tau_beta)
-        save_policy_weights(policy, out / POLICY_WEIGHTS, step)
+    def save(step, metrics):  # every rank (a collective under FSDP2); the main rank writes, atomically
+        sd, osd = du.model_state(policy, opt, sharded)
+        if d.is_main:
+            atomic_save({"model": sd, "optimizer": osd, "scheduler": sched.state_dict(), "step": step,
+                         "config": to_dict(cfg), "policy_config": to_dict(cfg.policy), "norm_stats": policy.norm_stats(),
+                         "flow_tau": (cfg.tau_alpha, cfg.tau_beta), "metrics": metrics}, ckpt_path)
+            save_policy_weights(policy, out / POLICY_WEIGHTS, step, state=sd)
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     metrics: dict = {}
@@ -256,29 +279,28 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
         img, instr, prop, act = train_data.batch(torch.randint(len(train_data), (cfg.batch_size,), generator=g))
         tau = _beta(cfg, cfg.batch_size, g)
         noise = torch.randn(act.shape, generator=g)  # the whole batch's draws, then this rank's share
-        with diverged_if_non_finite("sft", step + 1, cfg.lr):
-            loss = loss_fn(img[share].to(device), instr[share], prop[share].to(device), act[share].to(device),
-                           tau[share].to(device), noise[share].to(device))
+        loss, full = du.agreed_loss(d, "sft", step + 1, cfg.lr, lambda: loss_fn(
+            img[share].to(device), instr[share], prop[share].to(device), act[share].to(device), tau[share].to(device),
+            noise[share].to(device)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        check_finite_step("sft", step + 1, loss.detach(), gnorm, cfg.lr)
+        gnorm = du.clip_grad_norm(params, cfg.grad_clip)
+        check_finite_step("sft", step + 1, full, gnorm, cfg.lr)  # the same values on every rank: all stop together
         opt.step()
         sched.step()
         done = step + 1
-        if done % cfg.log_every == 0 or done == end:
-            full = float(du.scalar_mean(d, loss.detach()))  # the whole batch's loss (equal shares)
-            if logger is not None:  # the main rank
-                logger.log(done, {"train/flow_loss": full, "train/grad_norm": gnorm.item(),
-                                  "train/lr": float(sched.get_last_lr()[0])})
-        if logger is not None and (done % cfg.eval_every == 0 or done == cfg.steps):  # the main rank
-            metrics = evaluate(policy, val_data, cfg, device)
-            logger.log(done, metrics)
-        if d.is_main and (done % cfg.ckpt_every == 0 or done == end):
+        if logger is not None and (done % cfg.log_every == 0 or done == end):  # the main rank
+            logger.log(done, {"train/flow_loss": float(full), "train/grad_norm": gnorm.item(),
+                              "train/lr": float(sched.get_last_lr()[0])})
+        if done % cfg.eval_every == 0 or done == cfg.steps:  # every rank evaluates a share
+            metrics = evaluate(policy, val_data, cfg, device, d)
+            if logger is not None:
+                logger.log(done, metrics)
+        if done % cfg.ckpt_every == 0 or done == end:
             save(done, metrics)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", **({"val": f"{metrics['val/flow_loss']:.4f}"} if metrics else {}))
+            bar.set_postfix(loss=f"{float(full):.4f}", **({"val": f"{metrics['val/flow_loss']:.4f}"} if metrics else {}))
     if bar is not None:
         bar.close()
     if logger is not None:  # the main rank

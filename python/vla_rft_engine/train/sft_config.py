@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError
+from ..config import WRAPS, ConfigError
 from ..models.policy_config import FLOW_TAU, PolicyConfig
 
 SIGMA_KEYS = ("sigma_min", "sigma_max", "sigma_init")  # owned by vla-rft rft
@@ -37,6 +37,7 @@ class SFTConfig:
     resume: bool = True
     progress: bool = True
     device: str = "auto"
+    distributed: str = "ddp"       # ddp | fsdp2 (torchrun, more than one process; fsdp2 shards what SFT trains + Adam state)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def validate(self) -> None:
@@ -44,6 +45,8 @@ class SFTConfig:
             raise ConfigError(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.distributed not in WRAPS:
+            raise ConfigError(f"distributed must be one of {WRAPS}, got {self.distributed!r}")
         if self.tau_alpha <= 0 or self.tau_beta <= 0:
             raise ConfigError("tau_alpha and tau_beta must be > 0")
         fresh = PolicyConfig()

@@ -189,13 +189,9 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
     if ids.shape[1] > wm.config.max_position:
         raise ValueError(f"segments have {ids.shape[1]} tokens, the model {wm.config.max_position} positions")
     wm.to(dev).train()
-    sharded = d.enabled and cfg.distributed == "fsdp2"
-    loss_fn: torch.nn.Module
-    if sharded:  # every part the loss calls is its own FSDP2 unit (masked_nll calls hidden() and output directly)
-        du.shard([*wm.layers, wm.tok_embeddings, wm.norm, wm.output])
-        loss_fn = _Loss(wm)
-    else:
-        loss_fn = du.wrap(_Loss(wm), d, "ddp")  # DDP averages gradients over ranks
+    # DDP averages gradients over ranks; FSDP2: every part the loss calls is its own unit (masked_nll calls
+    # hidden() and output directly)
+    loss_fn, sharded = du.data_parallel(_Loss(wm), d, cfg.distributed, [*wm.layers, wm.tok_embeddings, wm.norm, wm.output])
     lay = TokenLayout(**seg["layout"]) if seg.get("layout") else TokenLayout()
     frame_step = lay.dynamics_tokens + lay.action_dim
     opt = torch.optim.AdamW(wm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -232,22 +228,19 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
             drop = torch.rand(cfg.batch_size, generator=gen)[share] < cfg.action_dropout
             batch = drop_actions(batch, lay, drop)
         with autocast:
-            loss = loss_fn(batch.to(dev), mask[idx].to(dev), cfg.change_weight, frame_step,
-                           total_weight if d.enabled else None)
+            loss, full = du.agreed_loss(d, "pretrain-wm", step + 1, lr, lambda: loss_fn(
+                batch.to(dev), mask[idx].to(dev), cfg.change_weight, frame_step, total_weight if d.enabled else None))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg.grad_clip)
-        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
-            gnorm = gnorm.full_tensor()
-        check_finite_step("pretrain-wm", step + 1, loss.detach(), gnorm, lr)
+        gnorm = du.clip_grad_norm(list(wm.parameters()), cfg.grad_clip)
+        check_finite_step("pretrain-wm", step + 1, full, gnorm, lr)  # the same on every rank: all stop together
         opt.step()
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            full = float(du.scalar_mean(d, loss.detach()))  # = the whole batch's weighted mean
-            if log is not None:  # the main rank
-                log.log(step, {"loss": full, "grad_norm": float(gnorm), "lr": lr})
-            bar.set_postfix(loss=f"{full:.4f}")
+            if log is not None:  # the main rank; full = the whole batch's weighted mean
+                log.log(step, {"loss": float(full), "grad_norm": float(gnorm), "lr": lr})
+            bar.set_postfix(loss=f"{float(full):.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             sd, osd = du.model_state(wm, opt, sharded)  # all ranks (a collective under FSDP2)
             if d.is_main:
