@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # last: kernels/ must not shadow PyPI kernels
 from bench.common import device_name, emit, parse_args, profiled, time_fn  # noqa: E402
 
 IMAGE = 64

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # last: kernels/ must not shadow PyPI kernels
 from bench.common import device_name, emit, parse_args, time_fn  # noqa: E402
 
 S, ROLLOUTS, T = 16, 17, 8

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # last: kernels/ must not shadow PyPI kernels
 from bench.common import device_name, emit, parse_args, time_fn  # noqa: E402
 
 B, N, T, A, K = 16, 16, 8, 7, 10

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # last: kernels/ must not shadow PyPI kernels
 from bench.common import device_name  # noqa: E402
 
 # bench -> (args on CUDA, args for the reduced CPU run)
