@@ -70,11 +70,16 @@ def stages(out: Path, sz: dict) -> list[tuple[str, Path, object]]:
                      f"out_dir={rft}", f"grpo.steps={sz['rft_steps']}", "grpo.task_instances=4", "grpo.rollouts=8",
                      "grpo.warmup_steps=2", "states_per_block=4", "reward.allow_l1_only_fallback=true",
                      "ckpt_every=10", "image_every=10", "progress=false")),
-        ("eval", ev / "results.json",
-         lambda: cli("eval", f"policy={rft}", f"suite={TASK.split('/')[0]}", f"tasks=[{TASK.split('/')[1]}]",
-                     f"settings=[{','.join(SETTINGS)}]", f"inits={sz['eval_inits']}", f"workers={sz['workers']}",
-                     f"image_size={sz['image_size']}", f"max_steps={sz['eval_max_steps']}", f"out_dir={ev}")),
+        ("eval", ev / "results.json", lambda: evaluate(rft, ev, sz)),
+        # the SFT checkpoint RFT started from, on the same episodes: what RFT changed
+        ("eval_sft", out / "eval_sft" / "results.json", lambda: evaluate(sft, out / "eval_sft", sz)),
     ]
+
+
+def evaluate(policy: Path, out: Path, sz: dict) -> None:
+    cli("eval", f"policy={policy}", f"suite={TASK.split('/')[0]}", f"tasks=[{TASK.split('/')[1]}]",
+        f"settings=[{','.join(SETTINGS)}]", f"inits={sz['eval_inits']}", f"workers={sz['workers']}",
+        f"image_size={sz['image_size']}", f"max_steps={sz['eval_max_steps']}", f"out_dir={out}")
 
 
 def main() -> None:
@@ -100,21 +105,35 @@ def main() -> None:
         state_path.write_text(json.dumps(state, indent=1))
         print(f"[{name}] {state['stage_s'][name]:.0f} s", flush=True)
     res = json.loads((out / "eval" / "results.json").read_text())
+    res_sft = json.loads((out / "eval_sft" / "results.json").read_text())
     import torch
+    from vla_rft_engine.utils import read_jsonl
+    rows = [r for r in read_jsonl(out / "rft" / "metrics.jsonl") if "reward/mean" in r]
     record = {"bench": "libero_e2e", "task": TASK, "task_name": res["task_names"][0],
               "device": f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()} cores, torch "
                         f"{torch.__version__}, MUJOCO_GL={os.environ['MUJOCO_GL']}",
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-              "sizes": SIZES, "stage_s": state["stage_s"], "total_s": round(sum(state["stage_s"].values()), 1),
+              "sizes": SIZES, "stage_s": state["stage_s"],
+              "pipeline_s": round(sum(v for k, v in state["stage_s"].items() if k != "eval_sft"), 1),
               "demos": state["info"].get("demos"),
               "success_pct": {st: v["success"] for st, v in res["table"].items()},
+              "success_pct_sft": {st: v["success"] for st, v in res_sft["table"].items()},
+              "successful_inits": {st: [r["init_index"] for r in res["records"] if r["perturbation"] == st and r["success"]]
+                                   for st in res["table"]},
+              "successful_inits_sft": {st: [r["init_index"] for r in res_sft["records"]
+                                            if r["perturbation"] == st and r["success"]] for st in res_sft["table"]},
               "episodes_per_setting": {st: v["episodes"] for st, v in res["table"].items()},
+              "tokenizer_heldout_psnr": json.loads((out / "tokenizer" / "eval.json").read_text()).get("psnr"),
+              "rft_reward_mean_first_last": [rows[0].get("reward/mean"), rows[-1].get("reward/mean")] if rows else None,
+              "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # other jobs on the machine slow stages
               "eval_init_states": f"official initial states 0..{SIZES['eval_inits'] - 1}; demos from "
                                   f"{SIZES['demo_inits'][0]}..{SIZES['demo_inits'][-1]}"}
     dest = ROOT / a.result
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    shutil.copy(out / "eval" / "results.md", dest.with_suffix(".md"))
+    md = (out / "eval" / "results.md").read_text() + "\n## The SFT checkpoint RFT started from\n\n" + \
+        (out / "eval_sft" / "results.md").read_text()
+    dest.with_suffix(".md").write_text(md.replace(str(ROOT) + "/", ""))
     shutil.copy(out / "eval" / "episodes.png", dest.with_name(dest.name + "_episodes.png"))
     print(json.dumps(record, indent=1))
 
