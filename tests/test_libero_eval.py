@@ -59,6 +59,8 @@ def test_short_eval_writes_json_md_png(capsys, tmp_path):
     if not ok:
         pytest.skip(f"LIBERO cannot run here: {why}")
     pol = _policy(tmp_path, image_size=32)
+    err = _err(capsys, f"policy={pol}", "tasks=[0,no_such_task]")
+    assert "tasks: unknown task 'no_such_task' in libero_object; valid: indices 0..9" in err
     out = tmp_path / "eval"
     rc = main(["eval", f"policy={pol}", "suite=libero_object", "tasks=[0]", "settings=[none,object_major]", "inits=1",
                "workers=1", "max_steps=8", "strip_frames=4", "progress=false", f"out_dir={out}"])
