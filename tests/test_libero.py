@@ -72,6 +72,26 @@ def test_expert_episode():
     assert r["success"] and r["steps"] < 200
 
 
+def test_recorded_expert_demos_round_trip_hdf5(env, tmp_path):
+    """record_episode -> demos_from_episodes -> the official HDF5 layout -> load_demos gives the same arrays."""
+    pytest.importorskip("h5py")
+    from vla_rft_engine.data.demos import load_demos
+    from vla_rft_engine.data.libero_hdf5 import save_libero_hdf5
+    from vla_rft_engine.envs.libero_expert import demos_from_episodes, record_episode
+    eps = [record_episode(env, seed=s, max_steps=n) for s, n in ((0, 6), (1, 4))]
+    assert eps[0]["frames"].shape == (7, 64, 64, 3) and eps[0]["actions"].shape == (6, 7)
+    assert eps[0]["states"].shape[0] == 7 and not eps[0]["success"]
+    d = demos_from_episodes(eps)
+    assert d["frames"].shape == (2, 7, 64, 64, 3) and list(d["lengths"]) == [6, 4]
+    np.testing.assert_array_equal(d["frames"][1, 5:], np.repeat(eps[1]["frames"][-1:], 2, 0))  # padded: held
+    assert (d["actions"][1, 4:, :6] == 0).all()
+    back = load_demos(save_libero_hdf5(d, tmp_path / "soup_demo.hdf5"))
+    for k in ("frames", "actions"):
+        np.testing.assert_array_equal(back[k], d[k], err_msg=k)
+    np.testing.assert_allclose(back["proprio"], d["proprio"], rtol=1e-6)
+    assert back["instructions"] == [env.instruction] * 2
+
+
 def _hold_still():
     return lambda obs: np.tile(np.array([0, 0, 0, 0, 0, 0, -1.0], np.float32), (4, 1))
 

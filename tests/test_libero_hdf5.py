@@ -84,3 +84,15 @@ def test_not_a_libero_file(tmp_path):
         f.create_dataset("y", data=np.zeros(3))
     with pytest.raises(BadFileError, match="no 'data' group"):
         load_demos(p)
+
+
+def test_a_folder_of_demos_has_a_content_hash(tmp_path):
+    """pretrain-wm records the hash of its demos, which may be a folder of .hdf5 files (a LIBERO suite)."""
+    from vla_rft_engine.utils import file_sha256
+    d = tmp_path / "suite"
+    save_libero_hdf5(_demos(), d / "a_demo.hdf5")
+    save_libero_hdf5(_demos(seed=1), d / "b_demo.hdf5")
+    h = file_sha256(d)
+    assert h == file_sha256(d) and len(h) == 16
+    save_libero_hdf5(_demos(seed=2), d / "b_demo.hdf5")
+    assert file_sha256(d) != h

@@ -90,6 +90,7 @@ def test_short_run_writes_everything(stage, tmp_path):
     from_ckpt = load_policy(tmp_path / "ckpt.pt")  # the RFT checkpoint is a policy checkpoint too
     deployed = load_policy(tmp_path)  # ... and policy.safetensors beside it is the same policy, without pickle
     assert all(torch.equal(v, deployed.state_dict()[k]) for k, v in from_ckpt.state_dict().items())
+    assert from_ckpt.image_size == deployed.image_size == 16  # the start states' frames (vla-rft eval checks it)
     # only the action head and the Sigma Net moved; the encoder is frozen
     before, after = torch.load(stage["policy"], weights_only=False)["model"], params(tmp_path / "ckpt.pt")
     moved = {k for k in before if not torch.equal(before[k], after[k])}

@@ -212,6 +212,7 @@ def test_policy_safetensors_equals_the_training_checkpoint(tmp_path):
     for k, v in a.state_dict().items():
         assert torch.equal(b.state_dict()[k], v) and torch.equal(c.state_dict()[k], v), k
     assert b.flow_tau == a.flow_tau == (0.5, 2.0) and b.cfg == a.cfg
+    assert a.image_size == b.image_size == 16  # the demos' frame size (vla-rft eval refuses another)
     with safe_open(str(tmp_path / "policy.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["vla_rft"])["step"] == 2
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")

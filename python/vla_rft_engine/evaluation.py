@@ -222,20 +222,27 @@ LIBERO_PERTURBATIONS = {"libero_object": ("object_minor", "object_major"), "libe
                         "libero_spatial": ("robot_minor", "robot_major"), "libero_10": ("all_minor", "all_major")}
 
 
-def run_policy_episode(env, fn, seed: int) -> dict:
-    """One closed-loop episode of policy_fn `fn` (obs -> chunk (C, 7)) from env.reset(seed), chunks run open-loop."""
+def run_policy_episode(env, fn, seed: int, keep_frames: bool = False) -> dict:
+    """One closed-loop episode of policy_fn `fn` (obs -> chunk (C, 7)) from env.reset(seed), chunks run open-loop.
+    keep_frames: the result's "frames" holds every agent-view frame (T+1, H, W, 3)."""
     obs = env.reset(seed=seed)
     done, info, queries = False, {"success": False}, 0
+    frames = [obs["image"]]
     while not done:
         chunk = np.asarray(fn(obs), dtype=np.float32)
         chunk = chunk[None] if chunk.ndim == 1 else chunk
         queries += 1
         for a in chunk:
             obs, _, done, info = env.step(a)
+            if keep_frames:
+                frames.append(obs["image"])
             if done:
                 break
-    return {"seed": int(seed), "init_index": int(getattr(env, "init_index", -1)), "success": bool(info["success"]),
-            "steps": int(env.steps), "queries": queries}
+    out: dict = {"seed": int(seed), "init_index": int(getattr(env, "init_index", -1)), "success": bool(info["success"]),
+                 "steps": int(env.steps), "queries": queries}
+    if keep_frames:
+        out["frames"] = np.stack(frames)
+    return out
 
 
 class CheckpointPolicy:
@@ -252,14 +259,19 @@ class CheckpointPolicy:
 
 def evaluate_libero(make_policy, suite: str, settings: list[str] | None = None, inits: int = 50,
                     workers: int = 2, image_size: int = 128, progress: bool = True, tasks: list[int] | None = None,
-                    max_steps: int | None = None) -> dict:
+                    max_steps: int | None = None, keep_frames: int = 0) -> dict:
     """Success rate (%) per setting and task of a policy over the first `inits` official initial states of
-    every task in `suite`; settings default to "none" plus the paper's two magnitudes for the suite."""
+    every task in `suite`; settings default to "none" plus the paper's two magnitudes for the suite.
+    keep_frames: the first that many initial states of the first task return their frames in each setting
+    (records' "frames")."""
     from .envs.libero_env import SUITES
     from .envs.libero_runner import run_parallel
     suite = SUITES[suite]
     settings = settings or ["none", *LIBERO_PERTURBATIONS[suite]]
-    jobs = [(f"{suite}/{t}", s, st) for st in settings for t in (tasks or range(10)) for s in range(inits)]
+    tasks = list(tasks or range(10))
+    # a task's jobs adjacent: a worker builds each task's env once for all its settings
+    jobs = [(f"{suite}/{t}", s, st, t == tasks[0] and s < keep_frames) for t in tasks for st in settings
+            for s in range(inits)]
     res = run_parallel(jobs, workers=workers, make_policy=make_policy, image_size=image_size, render=True,
                        progress=progress, desc=f"eval {suite}", max_steps=max_steps)
     table = {}
@@ -268,7 +280,7 @@ def evaluate_libero(make_policy, suite: str, settings: list[str] | None = None, 
         per_task: dict = {}
         for r in rs:
             per_task.setdefault(r["task_name"], []).append(r["success"])
-        table[st] = {"success": 100.0 * float(np.mean([r["success"] for r in rs])),
+        table[st] = {"success": 100.0 * float(np.mean([r["success"] for r in rs])), "episodes": len(rs),
                      "per_task": {k: 100.0 * float(np.mean(v)) for k, v in per_task.items()}}
     return {"suite": suite, "initial_states": inits, "table": table, "records": res}
 

@@ -208,10 +208,16 @@ def warmup_cosine_lr(step: int, lr: float, min_lr: float, warmup: int, steps: in
 
 
 def file_sha256(path, chunk: int = 1 << 22) -> str:
-    """Content hash of a file (first 16 hex digits): what a stage output records about its inputs."""
+    """Content hash of a file, or of a folder's files (names and contents, sorted: a folder of LIBERO .hdf5
+    demos), first 16 hex digits: what a stage output records about its inputs."""
     import hashlib
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
     return h.hexdigest()[:16]

@@ -192,3 +192,52 @@ def run_episode(env, seed: int, expert: PickPlaceExpert | None = None, max_steps
         info = env.step(expert.act(env))[3]
     return {"seed": int(seed), "init_index": int(env.init_index), "success": bool(info["success"]),
             "steps": int(env.steps), "tries": int(expert.tries)}
+
+
+def record_episode(env, seed: int, max_steps: int | None = None) -> dict:
+    """run_episode, keeping what a demo needs: frames / wrist / proprio / MuJoCo states (T+1), actions (T).
+    Observation k is the one action k was taken at (the regenerated LIBERO sets' convention)."""
+    expert = PickPlaceExpert()
+    obs = env.reset(seed=seed)
+    expert.reset(env)
+    limit = max_steps or env.max_steps
+    keep: dict[str, list] = {"frames": [], "wrist": [], "proprio": [], "states": [], "actions": []}
+
+    def see(o):
+        keep["frames"].append(o["image"])
+        keep["wrist"].append(o.get("wrist", o["image"]))
+        keep["proprio"].append(o["proprio"])
+        keep["states"].append(np.asarray(env._env.get_sim_state(), np.float64))
+    see(obs)
+    info = {"success": env._success}
+    while not info["success"] and env.steps < limit:
+        a = expert.act(env)
+        obs, _, _, info = env.step(a)
+        keep["actions"].append(a)
+        see(obs)
+    out: dict = {k: np.stack(v) if v else np.zeros((0, 7), np.float32) for k, v in keep.items()}
+    out.update(seed=int(seed), init_index=int(env.init_index), success=bool(info["success"]), steps=int(env.steps),
+               instruction=env.instruction)
+    return out
+
+
+def demos_from_episodes(eps: list[dict]) -> dict:
+    """record_episode results -> a demos dict (data/demos.py layout) padded to the longest episode: after its
+    end an episode holds still (zero motion, its last gripper command) on its last frame, as load_libero_hdf5
+    pads; `lengths` is the step of success."""
+    T = max(len(e["actions"]) for e in eps)
+    n, H = len(eps), eps[0]["frames"].shape[1]
+    S = eps[0]["states"].shape[1]
+    out: dict = {"frames": np.zeros((n, T + 1, H, H, 3), np.uint8), "wrist": np.zeros((n, T + 1, H, H, 3), np.uint8),
+                 "proprio": np.zeros((n, T + 1, 8), np.float32), "states": np.zeros((n, T + 1, S)),
+                 "actions": np.zeros((n, T, 7), np.float32), "success": np.array([e["success"] for e in eps]),
+                 "lengths": np.array([len(e["actions"]) for e in eps], np.int64),
+                 "seeds": np.array([e["seed"] for e in eps], np.int64), "instructions": [e["instruction"] for e in eps]}
+    for i, e in enumerate(eps):
+        t = len(e["actions"])
+        for k in ("frames", "wrist", "proprio", "states"):
+            out[k][i, :t + 1] = e[k]
+            out[k][i, t + 1:] = e[k][t]
+        out["actions"][i, :t] = e["actions"]
+        out["actions"][i, t:, 6] = e["actions"][-1, 6] if t else -1.0
+    return out

@@ -40,6 +40,9 @@ class VLAPolicy(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.flow_tau = FLOW_TAU  # Beta(alpha, beta) of the flow-MSE tau (Eq. 4): SFT's law, carried by checkpoints
+        # the camera frame size it was trained on (checkpoints carry it): the encoder takes any size, but a
+        # policy run on frames of another scale than its demos sees another scene
+        self.image_size: int | None = None
         if encoder is None:
             if cfg.encoder == "small":
                 encoder = SmallEncoder(cfg.proprio_dim, cfg.z_dim, cfg.enc_channels, version=cfg.enc_version,

@@ -255,6 +255,7 @@ class RFTRun:
                          "scheduler": self.sched.state_dict(), "step": step, "config": to_dict(self.cfg),
                          "config_hash": config_hash(self.cfg), "policy_config": to_dict(self.policy.cfg),
                          "norm_stats": self.policy.norm_stats(), "flow_tau": self.policy.flow_tau, "metrics": history,
+                         "image_size": self.policy.image_size,
                          "rng": {"cpu": torch.get_rng_state(),
                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}, path)
             from ..train.sft import POLICY_WEIGHTS, save_policy_weights  # the deployable policy, no pickle
@@ -303,6 +304,7 @@ def build(cfg: RFTConfig, d: du.Dist) -> RFTRun:
     policy.restart_sigma(cfg.sigma_min, cfg.sigma_max, cfg.sigma_init)
     from ..data.demos import load_demos
     pool = StartStates(load_demos(require(cfg.demos, "demos")), policy.cfg.chunk_len, world.image_size)
+    policy.image_size = int(pool.frames.shape[2])  # the policy sees the demos' frames (RFT's start states)
     lp = None
     if cfg.reward.design != "r1" and cfg.reward.lambda_lp > 0:
         from .rewards import _resolve_lpips  # fail at start-up, not at step 1, when LPIPS weights are missing

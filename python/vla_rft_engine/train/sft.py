@@ -161,7 +161,7 @@ def save_policy_weights(policy: VLAPolicy, path: str | Path, step: int, state: d
     state: the full state dict when the module's own is sharded (RFT under FSDP2)."""
     return save_weights(path, state if state is not None else policy.state_dict(),
                         {"format": POLICY_FORMAT, "policy_config": to_dict(policy.cfg),
-                         "flow_tau": list(policy.flow_tau), "step": step})
+                         "flow_tau": list(policy.flow_tau), "step": step, "image_size": policy.image_size})
 
 
 def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
@@ -184,6 +184,7 @@ def load_policy(path: str | Path, device="cpu") -> VLAPolicy:
     policy.load_state_dict(sd)
     cfg = ck.get("config") or {}
     policy.flow_tau = tuple(ck.get("flow_tau") or (cfg.get("tau_alpha", FLOW_TAU[0]), cfg.get("tau_beta", FLOW_TAU[1])))
+    policy.image_size = int(ck["image_size"]) if ck.get("image_size") else None  # None: written before it was kept
     return policy.to(device).eval()
 
 
@@ -227,6 +228,7 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
 
     policy = VLAPolicy(cfg.policy).to(device)
     policy.set_norm_stats(train_data.raw_actions, train_data.proprio)
+    policy.image_size = int(demos["frames"].shape[2])
     policy.sigma_net.requires_grad_(False)  # Stage II's; SFT trains the flow head and the encoder's trainable part
     trained = [policy.flow_head] + ([policy.encoder] if any(p.requires_grad for p in policy.encoder.parameters()) else [])
     loss_fn, sharded = du.data_parallel(_FlowLoss(policy), d, cfg.distributed, trained)
@@ -263,7 +265,8 @@ def _train(cfg: SFTConfig, d: du.Dist) -> dict:
         if d.is_main:
             atomic_save({"model": sd, "optimizer": osd, "scheduler": sched.state_dict(), "step": step,
                          "config": to_dict(cfg), "policy_config": to_dict(cfg.policy), "norm_stats": policy.norm_stats(),
-                         "flow_tau": (cfg.tau_alpha, cfg.tau_beta), "metrics": metrics}, ckpt_path)
+                         "flow_tau": (cfg.tau_alpha, cfg.tau_beta), "metrics": metrics, "image_size": policy.image_size},
+                        ckpt_path)
             save_policy_weights(policy, out / POLICY_WEIGHTS, step, state=sd)
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
