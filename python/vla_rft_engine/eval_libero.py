@@ -86,7 +86,7 @@ def markdown(res: dict) -> str:
     lines += ["Per task (success %, episodes):", "", "| Task | " + " | ".join(t) + " |", "|---" * (len(t) + 1) + "|"]
     for task in res["task_names"]:
         lines.append(f"| {task} | " + " | ".join(f"{t[s]['per_task'].get(task, float('nan')):.1f}" for s in t) + " |")
-    lines += ["", "| episodes | " + " | ".join(str(t[s]["episodes"]) for s in t) + " |"]
+    lines += ["| episodes (per task) | " + " | ".join(str(t[s]["episodes"]) for s in t) + " |"]
     return "\n".join(lines) + "\n"
 
 
