@@ -72,6 +72,33 @@ def test_bad_input_errors(capsys):
     assert "unknown config key 'rft.grpo.stepz'" in capsys.readouterr().err
 
 
+def test_env_options_reach_every_stage(tmp_path, monkeypatch):
+    import vla_rft_engine.data.demos as demos_mod
+    import vla_rft_engine.train.sft as sft_mod
+    from vla_rft_engine.quickstart import Quickstart
+    c = load_config(QuickstartConfig, None, [])
+    assert c.env_options() == {"gripper_marker": 0.0, "xy_step_scale": 1.0}  # off by default
+    with pytest.raises(ConfigError, match="gripper_marker"):
+        load_config(QuickstartConfig, None, ["gripper_marker=-1"])
+    c = load_config(QuickstartConfig, None, [f"out_dir={tmp_path}", "num_demos=2", "wm_demos=1", "wm_train_demos=1",
+                                             "gripper_marker=0.12", "xy_step_scale=2", "progress=false"])
+    qs = Quickstart(c)
+    qs.stage_demos()  # the demos every stage trains on (tokenizer, world model, SFT, RFT start frames) ...
+    for k in ("demos", "demos_all", "demos_wm"):
+        d = demos_mod.load_demos(qs.paths[k])
+        assert d["gripper_marker"] == 0.12 and d["xy_step_scale"] == 2.0
+    seen: dict = {}  # ... and the evaluation's env
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+    monkeypatch.setattr(demos_mod, "evaluate_policy", spy)
+    monkeypatch.setattr(sft_mod, "load_policy", lambda path: None)
+    with pytest.raises(RuntimeError, match="stop"):
+        qs.stage_evaluate()
+    assert seen["gripper_marker"] == 0.12 and seen["xy_step_scale"] == 2.0
+
+
 def test_smoke_preset_is_small_and_overridable():
     c = load_config(QuickstartConfig, "smoke", ["sft.steps=7"], command="quickstart")
     assert c.out_dir == "runs/quickstart_smoke" and c.seeds == [0] and c.sft.steps == 7

@@ -65,6 +65,50 @@ def test_moving_gripper_and_object_changes_the_right_pixels():
     assert not diff[52:].any()  # the gripper's area (y < -0.6) is untouched
 
 
+def test_gripper_marker_is_off_by_default_and_draws_a_bold_disc_on_the_gripper():
+    plain, default = _lone_object_env(), _lone_object_env(gripper_marker=0.0)
+    assert plain.gripper_marker == 0.0 and plain.xy_step == tt.XY_STEP
+    assert np.array_equal(plain.render(), default.render())  # off by default: the old frames, pixel for pixel
+    env = _lone_object_env(gripper_marker=0.12)
+    img, ref = env.render().astype(int), plain.render().astype(int)
+    diff = np.abs(img - ref).sum(-1) > 8
+    rows, cols = np.nonzero(diff)
+    gr, gc = _pix(env.grip)
+    r_px = 0.12 * (1 + 0.8 * env.grip[2]) * 32  # radius in pixels at the gripper's height
+    assert diff.sum() > 2.5 * r_px ** 2  # a filled disc (pi r^2 minus the fingers drawn over it), not a few lines
+    assert np.hypot(rows - gr, cols - gc).max() <= r_px + 1.5  # and nothing outside it changed
+    # saturated cyan inside, a colour no object, target or the table has; the fingers are drawn on top
+    r_in, c_in = int(gr - 0.5 * r_px), gc  # above the bar, between the fingers
+    assert img[r_in, c_in, 0] < 40 and img[r_in, c_in, 1] > 200 and img[r_in, c_in, 2] > 200
+    # the marker follows the gripper: one step changes the frame about twice as much, and three times as many
+    # pixels change strongly (by over 150 of 765 summed over RGB: whole colours, not anti-aliased edges)
+    change, strong = [], []
+    for e in (plain, env):
+        before = e.render().astype(int)
+        e.step([1, 0, 0, 0, 0, 0, -1])
+        d = np.abs(e.render().astype(int) - before).sum(-1)
+        change.append(int(d.sum()))
+        strong.append(int((d > 150).sum()))
+    assert change[1] > 1.8 * change[0] and strong[1] > 3 * strong[0]
+    # one episode's frames differ only where the gripper is; the physics is the same
+    assert np.allclose(env.grip, plain.grip) and np.allclose(env.obj_pos, plain.obj_pos)
+
+
+def test_xy_step_scale_and_env_option_errors():
+    env = _lone_object_env(xy_step_scale=2.0)
+    x0 = env.grip[0]
+    env.step([0.5, 0, 0, 0, 0, 0, -1])
+    assert env.grip[0] - x0 == pytest.approx(0.5 * 2 * tt.XY_STEP)
+    d = collect_demos("reach", 3, seed=0, image_size=32, max_steps=30, xy_step_scale=2.0, gripper_marker=0.12)
+    assert d["success"].all() and d["gripper_marker"] == 0.12 and d["xy_step_scale"] == 2.0
+    # the expert follows the env's step: about half as many steps as at the default step
+    assert d["lengths"].mean() < 0.75 * collect_demos("reach", 3, seed=0, image_size=32, max_steps=30)["lengths"].mean()
+    for kw, msg in (({"gripper_marker": -0.1}, "gripper_marker"), ({"gripper_marker": np.nan}, "gripper_marker"),
+                    ({"xy_step_scale": 0.0}, "xy_step_scale")):
+        with pytest.raises(ValueError, match=msg):
+            TableTopEnv("reach", **kw)
+
+
 def test_grasp_lift_release_and_straddle():
     env = _lone_object_env()
     for _ in range(8):  # above the object

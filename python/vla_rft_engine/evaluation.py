@@ -23,10 +23,12 @@ def policy_fn(policy, seed: int = 0):
 
 
 def evaluate_checkpoints(ckpts: dict, task: str, settings: list[str], seeds: list[int], episodes: int,
-                         eval_seed: int, image_size: int, cache: Path, progress: bool = True) -> list[dict]:
+                         eval_seed: int, image_size: int, cache: Path, progress: bool = True,
+                         env_options: dict | None = None) -> list[dict]:
     """Success rate of each checkpoint on each (setting, seed): `episodes` episodes drawn with env seed
     eval_seed + seed. Checkpoints named rft_seed{s} are evaluated on seed s only (their own seed); every other
-    one on all seeds. Results are appended to `cache` (JSON) as they finish, so a killed run resumes."""
+    one on all seeds. Results are appended to `cache` (JSON) as they finish, so a killed run resumes.
+    env_options: the table-top env's options (envs.tabletop.ENV_OPTIONS), as the policy was trained on."""
     from .data.demos import evaluate_policy
     from .train.sft import load_policy
     from .utils import atomic_write_text
@@ -46,7 +48,7 @@ def evaluate_checkpoints(ckpts: dict, task: str, settings: list[str], seeds: lis
         if name not in loaded:
             loaded = {name: load_policy(ckpts[name])}  # one policy in memory at a time
         r = evaluate_policy(policy_fn(loaded[name]), task, perturbation=None if st == "none" else st,
-                            num_episodes=episodes, seed=eval_seed + s, image_size=image_size)
+                            num_episodes=episodes, seed=eval_seed + s, image_size=image_size, **(env_options or {}))
         outcomes = [int(e["success"]) for e in r["episodes"]]  # per episode: the bootstrap pairs them
         done.append({"policy": name, "setting": st, "seed": s, "success_rate": r["success_rate"],
                      "episodes": episodes, "successes": sum(outcomes), "outcomes": outcomes,
@@ -182,7 +184,7 @@ def write_report(qs) -> dict:
     state = json.loads(qs.state_path.read_text()) if qs.state_path.is_file() else {}
     times = {k: v["wall_s"] for k, v in state.get("stages", {}).items()}
     # world model beside the real environment on unseen expert episodes: own vs another episode's actions
-    held = collect_demos(c.task, 8, seed=c.eval_seed + 999, image_size=c.image_size)
+    held = collect_demos(c.task, 8, seed=c.eval_seed + 999, image_size=c.image_size, **c.env_options())
     save_demos(held, out / "heldout_demos.pt")
     wm_eval.main([f"wm={p['world_model'] / 'world_model'}", f"demos={out / 'heldout_demos.pt'}",
                   f"out_dir={out / 'wm_eval'}", "episodes=8", f"device={c.device}"])
@@ -199,7 +201,7 @@ def write_report(qs) -> dict:
     save_curve(steps, {k: v[1][:len(steps)] + [float("nan")] * (len(steps) - len(v[1])) for k, v in curves.items()},
                out / "reward_curve.png", title=f"RFT mean verified reward ({c.rft.reward.design.upper()}) per step")
     # action distributions (paper Fig. 4): expert vs SFT vs RFT (first seed) on unseen expert states
-    held = collect_demos(c.task, 16, seed=c.eval_seed + 1999, image_size=c.image_size)
+    held = collect_demos(c.task, 16, seed=c.eval_seed + 1999, image_size=c.image_size, **c.env_options())
     L = held["lengths"]
     expert = np.concatenate([held["actions"][e, :int(L[e])] for e in range(len(L))])
     dists = {"expert": expert, "SFT": action_samples(p["sft"] / "ckpt.pt", held),

@@ -77,19 +77,20 @@ class Quickstart:
     def stage_demos(self) -> dict:
         from .data.demos import collect_demos, save_demos
         c = self.cfg
+        opts = c.env_options()  # the same rendering and dynamics for every stage's data and the evaluation
         clean = collect_demos(c.task, c.num_demos, seed=c.data_seed, image_size=c.image_size,
-                              expert_noise=c.expert_noise)
+                              expert_noise=c.expert_noise, **opts)
         save_demos(clean, self.paths["demos"])
         both = clean
         if c.wm_demos:
             noisy = collect_demos(c.task, c.wm_demos, seed=c.data_seed + 1, image_size=c.image_size,
-                                  expert_noise=c.wm_expert_noise, wander_every=c.wm_wander_every)
+                                  expert_noise=c.wm_expert_noise, wander_every=c.wm_wander_every, **opts)
             both = {k: (np.concatenate([v, noisy[k]]) if isinstance(v, np.ndarray) else
                         v + noisy[k] if isinstance(v, list) else v) for k, v in clean.items()}
         save_demos(both, self.paths["demos_all"])
         if c.wm_train_demos:
             save_demos(collect_demos(c.task, c.wm_train_demos, seed=c.data_seed + 2, image_size=c.image_size,
-                                     expert_noise=c.wm_expert_noise, wander_every=1), self.paths["demos_wm"])
+                                     expert_noise=c.wm_expert_noise, wander_every=1, **opts), self.paths["demos_wm"])
         return {"clean_episodes": c.num_demos, "world_model_episodes": c.wm_demos,
                 "expert_success": float(np.mean(clean["success"]))}
 
@@ -121,7 +122,7 @@ class Quickstart:
         ckpts = {"sft": self.paths["sft"] / "ckpt.pt"}
         ckpts.update({f"rft_seed{s}": self.paths["rft"] / f"seed{s}" / "ckpt.pt" for s in c.seeds})
         res = evaluate_checkpoints(ckpts, c.task, c.settings, c.seeds, c.eval_episodes, c.eval_seed, c.image_size,
-                                   cache=self.paths["eval"], progress=c.progress)
+                                   cache=self.paths["eval"], progress=c.progress, env_options=c.env_options())
         return {"evaluations": len(res)}
 
     def stage_report(self) -> dict:

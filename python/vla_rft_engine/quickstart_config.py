@@ -66,6 +66,9 @@ class QuickstartConfig:
     settings: list[str] = field(default_factory=lambda: ["none", "object_major", "goal_major", "robot_major",
                                                           "all_major"])
     eval_episodes: int = 20            # per (setting, seed)
+    gripper_marker: float = 0.0        # > 0: the env draws a bold cyan disc of this radius (world units) on the
+                                       # gripper, in every stage (demos, tokenizer, world model, SFT, RFT, evaluation)
+    xy_step_scale: float = 1.0         # the env's xy motion per step at |a| = 1, times XY_STEP (every stage too)
     eval_seed: int = 100_000           # TEST episodes: env seed eval_seed + seed. Every default setting was chosen
                                        # on the validation range eval_seed=50_000, never on this one
     progress: bool = True
@@ -82,6 +85,10 @@ class QuickstartConfig:
         "world_model.device", "world_model.progress", "sft.out_dir", "sft.data", "sft.task", "sft.image_size",
         "sft.progress", "sft.device", "rft.out_dir", "rft.seed", "rft.tokenizer", "rft.world_model", "rft.policy",
         "rft.demos", "rft.segments", "rft.action_ranges", "rft.progress", "rft.device")
+
+    def env_options(self) -> dict:
+        """The table-top env's options (envs.tabletop.ENV_OPTIONS) every stage's data and evaluation use."""
+        return {"gripper_marker": self.gripper_marker, "xy_step_scale": self.xy_step_scale}
 
     @staticmethod
     def expand_argv(argv: list[str]) -> list[str]:
@@ -104,6 +111,8 @@ class QuickstartConfig:
             resolve_task(self.task)
             for s in self.settings:
                 check_perturbation(None if s == "none" else s)
+            from .envs.tabletop import check_env_options
+            check_env_options(**self.env_options())
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

@@ -28,12 +28,15 @@ def episode_seeds(seed: int, num_episodes: int) -> np.ndarray:
 
 
 def collect_demos(task: str, num_episodes: int, seed: int = 0, image_size: int = 64, expert_noise: float = 0.0,
-                  max_steps: int | None = None, perturbation: str | None = None, wander_every: int = 0) -> dict:
+                  max_steps: int | None = None, perturbation: str | None = None, wander_every: int = 0,
+                  gripper_marker: float = 0.0, xy_step_scale: float = 1.0) -> dict:
     """Roll out the scripted expert: frames uint8 (N, T+1, H, W, 3), actions float32 (N, T, 7),
     proprio float32 (N, T+1, 8), instructions list[str], success bool (N,), lengths int64 (N,), seeds int64 (N,).
     wander_every > 0: world-model data instead of demos: the gripper heads for a random point re-drawn every
-    `wander_every` steps (envs.expert.wander_action), whatever the instruction says."""
-    env = TableTopEnv(task, image_size=image_size, seed=seed, perturbation=perturbation, max_steps=max_steps)
+    `wander_every` steps (envs.expert.wander_action), whatever the instruction says.
+    gripper_marker, xy_step_scale: the env's options (envs.tabletop), recorded in the dict."""
+    env = TableTopEnv(task, image_size=image_size, seed=seed, perturbation=perturbation, max_steps=max_steps,
+                      gripper_marker=gripper_marker, xy_step_scale=xy_step_scale)
     t_max = env.max_steps
     n = num_episodes
     out: dict[str, Any] = {"frames": np.zeros((n, t_max + 1, image_size, image_size, 3), np.uint8),
@@ -64,7 +67,7 @@ def collect_demos(task: str, num_episodes: int, seed: int = 0, image_size: int =
                 solved = True
                 out["success"][i], out["lengths"][i] = True, t + 1
     out.update(task=task, perturbation=perturbation or "none", image_size=image_size, expert_noise=expert_noise,
-               wander_every=wander_every)
+               wander_every=wander_every, gripper_marker=float(gripper_marker), xy_step_scale=float(xy_step_scale))
     return out
 
 
@@ -106,14 +109,16 @@ def load_demos(path: str | Path) -> dict:
 
 
 def evaluate_policy(policy_fn: Callable[[dict], np.ndarray], task: str, perturbation: str | None = None,
-                    num_episodes: int = 50, seed: int = 0, image_size: int = 64, max_steps: int | None = None) -> dict:
+                    num_episodes: int = 50, seed: int = 0, image_size: int = 64, max_steps: int | None = None,
+                    gripper_marker: float = 0.0, xy_step_scale: float = 1.0) -> dict:
     """Closed-loop success rate. policy_fn(obs) returns an action chunk (C, 7) (or one (7,) action), executed
     open-loop until it runs out or the episode ends, then the policy is queried again.
 
     Returns {"success_rate", "episodes": [{"seed", "instruction", "success", "steps", "queries"}]}.
-    Same seed -> same episodes as collect_demos(task, ..., seed) under the same perturbation.
+    Same seed -> same episodes as collect_demos(task, ..., seed) under the same perturbation and env options.
     """
-    env = TableTopEnv(task, image_size=image_size, seed=seed, perturbation=perturbation, max_steps=max_steps)
+    env = TableTopEnv(task, image_size=image_size, seed=seed, perturbation=perturbation, max_steps=max_steps,
+                      gripper_marker=gripper_marker, xy_step_scale=xy_step_scale)
     episodes = []
     for s in episode_seeds(seed, num_episodes):
         obs = env.reset(seed=int(s))

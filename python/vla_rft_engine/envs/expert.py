@@ -16,7 +16,7 @@ OPEN, CLOSE = -1.0, 1.0
 
 def _toward(env, xy, z, gripper, gain=1.0) -> np.ndarray:
     a = np.zeros(7)
-    a[:2] = gain * (np.asarray(xy) - env.grip[:2]) / tt.XY_STEP
+    a[:2] = gain * (np.asarray(xy) - env.grip[:2]) / env.xy_step
     a[2] = (z - env.grip[2]) / tt.Z_STEP
     a[6] = gripper
     return a

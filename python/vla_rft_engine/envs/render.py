@@ -21,6 +21,9 @@ COLOURS = {
 }
 PERSPECTIVE = 0.8  # apparent size grows by (1 + PERSPECTIVE * z): the camera looks down from above
 SHADOW_DIR = np.array([0.45, -0.35])  # light from the top-left: shadows fall down-right, longer when higher
+# gripper marker (render option, off by default): a saturated cyan disc with a near-black rim, a colour no object,
+# target or the table uses, so the gripper's motion changes whole tokenizer patches, not a few thin grey pixels
+MARKER_COLOUR, MARKER_RIM = (0.0, 0.92, 0.95), (0.05, 0.05, 0.08)
 
 
 # ---- signed distance functions (negative inside), on local coordinates px, py -----------------------
@@ -123,6 +126,14 @@ def _draw_gripper(cv: Canvas, x, y, z, yaw, opening, shadow: bool):
     cv.draw(lambda dx, dy: sdf_circle(dx, dy, 0.03 * s), x, y, r, (0.40, 0.42, 0.46))
 
 
+def _draw_marker(cv: Canvas, x, y, z, radius: float):
+    """The gripper marker: a filled disc of `radius` world units (x the perspective scale) centred on the gripper."""
+    r = radius * (1.0 + PERSPECTIVE * z)
+    rim = min(0.3 * r, cv.px)  # about a pixel of dark rim: contrast on light targets and on cyan-free table alike
+    cv.draw(lambda dx, dy: sdf_circle(dx, dy, r), x, y, r + cv.px, MARKER_RIM)
+    cv.draw(lambda dx, dy: sdf_circle(dx, dy, r - rim), x, y, r + cv.px, MARKER_COLOUR)
+
+
 @lru_cache(maxsize=16)
 def _background(size: int, targets: tuple, target_half: float) -> np.ndarray:
     """Table plus target zones: fixed for an episode, so drawn once and reused for every frame."""
@@ -138,8 +149,9 @@ def _background(size: int, targets: tuple, target_half: float) -> np.ndarray:
 
 
 def render_scene(size: int, gripper, yaw, opening, objects, targets, held: int, obj_half: float,
-                 target_half: float) -> np.ndarray:
-    """Draw one frame. objects: list of (shape, colour_name, x, y, z, yaw); targets: list of (colour_name, x, y)."""
+                 target_half: float, marker: float = 0.0) -> np.ndarray:
+    """Draw one frame. objects: list of (shape, colour_name, x, y, z, yaw); targets: list of (colour_name, x, y).
+    marker > 0: a bold disc of that radius (world units) under the fingers marks the gripper (_draw_marker)."""
     cv = Canvas(size, _background(size, tuple((n, float(x), float(y)) for n, x, y in targets), target_half))
     for i, (shape, name, ox, oy, oz, oyaw) in enumerate(objects):
         if i != held:
@@ -149,5 +161,7 @@ def render_scene(size: int, gripper, yaw, opening, objects, targets, held: int, 
     if held >= 0:
         shape, name, ox, oy, oz, oyaw = objects[held]
         _draw_object(cv, shape, ox, oy, oz, oyaw, COLOURS[name], obj_half)
+    if marker > 0:
+        _draw_marker(cv, gx, gy, gz, marker)
     _draw_gripper(cv, gx, gy, gz, yaw, opening, shadow=False)
     return cv.to_uint8()

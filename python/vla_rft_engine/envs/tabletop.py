@@ -10,6 +10,11 @@ Grasp: the fingers closing (opening crossing 0.5) with the gripper below GRASP_Z
 object's centre picks it up; opening past 0.5 drops it. Push: a gripper below OBJ_H + 0.02 overlapping an
 object pushes it out of the way (unless the open fingers straddle it); objects push each other too.
 step() after done is allowed (the scene simply goes on); reset(seed) makes an episode reproducible.
+
+Options (default off, so the default task is unchanged): gripper_marker > 0 draws a bold cyan disc of that radius
+(world units) under the fingers, so a world model's tokenizer sees the gripper move (at 64 px the gripper itself is
+a few thin grey pixels); xy_step_scale multiplies XY_STEP (the xy motion per step at |a| = 1; the expert and the
+wandering controller follow env.xy_step). Every stage of one run must use the same options (ENV_OPTIONS).
 """
 from __future__ import annotations
 
@@ -26,6 +31,16 @@ GRASP_Z, GRASP_XY = 0.10, 0.08
 Z_MIN, Z_MAX, GRIP_BOUND, OBJ_BOUND = 0.02, 0.5, 1.05, 0.92  # the gripper may reach just past the edge
 PROPRIO_DIM = 8
 PROPRIO_LAYOUT = ("x", "y", "z", "sin_yaw", "cos_yaw", "opening", "held", "gripper_cmd")
+ENV_OPTIONS = ("gripper_marker", "xy_step_scale")  # the rendering/dynamics options every stage passes through
+
+
+def check_env_options(gripper_marker: float = 0.0, xy_step_scale: float = 1.0) -> dict:
+    """The env options as a dict of floats; bad values raise ValueError."""
+    if not (np.isfinite(gripper_marker) and 0.0 <= gripper_marker <= 0.5):
+        raise ValueError(f"gripper_marker must be in [0, 0.5] world units (0: off), got {gripper_marker}")
+    if not (np.isfinite(xy_step_scale) and 0.25 <= xy_step_scale <= 4.0):
+        raise ValueError(f"xy_step_scale must be in [0.25, 4], got {xy_step_scale}")
+    return {"gripper_marker": float(gripper_marker), "xy_step_scale": float(xy_step_scale)}
 
 
 def check_action(action) -> np.ndarray:
@@ -43,8 +58,12 @@ class TableTopEnv:
     LAYOUT_BOUND = 0.70  # sampled centres lie in [-0.7, 0.7]^2, leaving room for perturbations
 
     def __init__(self, task: str = "push", image_size: int = 64, seed: int = 0, perturbation: str | None = None,
-                 max_steps: int | None = None, num_objects: int = 3, num_targets: int = 2):
+                 max_steps: int | None = None, num_objects: int = 3, num_targets: int = 2,
+                 gripper_marker: float = 0.0, xy_step_scale: float = 1.0):
         self.families = resolve_task(task)
+        opts = check_env_options(gripper_marker, xy_step_scale)
+        self.gripper_marker = opts["gripper_marker"]
+        self.xy_step = XY_STEP * opts["xy_step_scale"]
         self.task_name = task
         self.perturbation = check_perturbation(perturbation)
         if not 1 <= num_objects <= len(COLOURS) or not 1 <= num_targets <= len(COLOURS):
@@ -104,7 +123,7 @@ class TableTopEnv:
     def _move_gripper(self, a):
         dyaw = a[5] * YAW_STEP
         self.yaw = float((self.yaw + dyaw + np.pi) % (2 * np.pi) - np.pi)
-        self.grip[:2] = np.clip(self.grip[:2] + a[:2] * XY_STEP, -GRIP_BOUND, GRIP_BOUND)
+        self.grip[:2] = np.clip(self.grip[:2] + a[:2] * self.xy_step, -GRIP_BOUND, GRIP_BOUND)
         self.grip[2] = np.clip(self.grip[2] + a[2] * Z_STEP, Z_MIN, Z_MAX)
         if self.held >= 0:
             self.obj_yaw[self.held] += dyaw
@@ -169,7 +188,7 @@ class TableTopEnv:
                    for i in range(self.num_objects)]
         targets = [(c, *p) for c, p in zip(self.target_colour, self.target_pos)]
         return render_scene(self.image_size, tuple(self.grip), self.yaw, self.opening, objects, targets,
-                            self.held, OBJ_HALF, TARGET_HALF)
+                            self.held, OBJ_HALF, TARGET_HALF, marker=self.gripper_marker)
 
     def _obs(self) -> dict:
         return {"image": self.render(), "proprio": self.proprio(), "instruction": self.task.instruction}
@@ -221,7 +240,7 @@ def _random_waypoint(env, rng):
 
 
 def random_episodes(num_episodes: int, steps: int, seed: int = 0, image_size: int = 64, task: str = "tabletop",
-                    perturbation: str | None = None, return_stats: bool = False):
+                    perturbation: str | None = None, return_stats: bool = False, **env_options):
     """Smooth random play that moves things: frames uint8 (N, steps+1, H, W, 3), actions float32 (N, steps, 7).
 
     return_stats=True adds a third dict: "moved" (N,) largest object displacement, "grasped" (N,) bool.
@@ -229,7 +248,8 @@ def random_episodes(num_episodes: int, steps: int, seed: int = 0, image_size: in
     A waypoint follower (grasp / push / free segments, biased towards objects) plus low-pass noise on
     all six motion dims; episodes never stop early (success does not end them).
     """
-    env = TableTopEnv(task, image_size=image_size, seed=seed, perturbation=perturbation, max_steps=steps + 1)
+    env = TableTopEnv(task, image_size=image_size, seed=seed, perturbation=perturbation, max_steps=steps + 1,
+                      **env_options)
     frames = np.zeros((num_episodes, steps + 1, image_size, image_size, 3), np.uint8)
     actions = np.zeros((num_episodes, steps, 7), np.float32)
     moved, grasped = np.zeros(num_episodes), np.zeros(num_episodes, bool)
@@ -249,7 +269,7 @@ def random_episodes(num_episodes: int, steps: int, seed: int = 0, image_size: in
             xy, z, cmd = plan[0]
             xy = env.grip[:2] if xy is None else xy
             a = np.zeros(7)
-            a[:2] = (xy - env.grip[:2]) / XY_STEP
+            a[:2] = (xy - env.grip[:2]) / env.xy_step
             a[2] = (z - env.grip[2]) / Z_STEP
             a[6] = cmd
             reached = np.linalg.norm(xy - env.grip[:2]) < 0.03 and abs(z - env.grip[2]) < 0.03
