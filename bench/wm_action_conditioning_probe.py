@@ -132,6 +132,25 @@ def tf_nll(wm: WorldModel, ids: torch.Tensor, mask: torch.Tensor, lay: TokenLayo
     return out
 
 
+def motion(video: torch.Tensor, frames: dict) -> dict:
+    """How much the rollouts move where the real frames move: mean |frame - o_0| on the moving pixels (real o_t
+    differs from o_0; metrics.moving_mask), for the real frames and the own / swapped rollouts. A rollout that
+    barely leaves o_0 there is a copy of the start frame, whatever the actions."""
+    from vla_rft_engine import metrics as M
+    real = frames["real"]
+    start = video[:, 0].permute(0, 3, 1, 2).float().div(255).to(real.device)[:, None]
+    mov = M.moving_mask(real, start[:, 0])
+    out = {}
+    for k in ("real", "own", "swapped"):
+        if k in frames:
+            out[f"motion_{k}"] = float(M.masked_l1(frames[k].float(), start.expand_as(real), mov))
+    if "swapped" in frames:  # own/swapped moving-L1 ratio of each frame t = 1..T (does the effect fade?)
+        out["ratio_by_frame"] = [float(M.masked_l1(frames["own"][:, t].float(), real[:, t], mov[:, t])
+                                       / M.masked_l1(frames["swapped"][:, t].float(), real[:, t], mov[:, t]))
+                                 for t in range(real.shape[1])]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--wm", required=True)
@@ -142,6 +161,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--engine", action="store_true", help="also roll out with the engine (not for action_cond)")
     ap.add_argument("--skip_rollout", action="store_true")
+    ap.add_argument("--skip_tf", action="store_true")
     a = ap.parse_args()
     from vla_rft_engine.data.demos import load_demos
     from vla_rft_engine.data.segments import build_segments, load_segments
@@ -156,7 +176,7 @@ def main() -> None:
     if not a.skip_rollout:
         t0 = time.time()
         m, frames = evaluate_world(world, video, acts, temperature=0.0)
-        res["plain_loop"] = {**m, "wall_s": round(time.time() - t0, 1)}
+        res["plain_loop"] = {**m, **motion(video, frames), "wall_s": round(time.time() - t0, 1)}
         print("plain loop:", json.dumps({k: m[k] for k in ("moving_l1", "moving_l1_swapped", "moving_l1_ratio")}),
               flush=True)
         if a.engine:
@@ -167,6 +187,9 @@ def main() -> None:
                              "frames_equal_to_plain_loop": float((frames2["own"] == frames["own"]).float().mean())}
             print("engine:", json.dumps({k: m2[k] for k in ("moving_l1", "moving_l1_swapped", "moving_l1_ratio")}),
                   flush=True)
+    if a.skip_tf:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        return
     t0 = time.time()
     seg = load_segments(a.segments)
     idx = torch.randperm(seg["ids"].shape[0], generator=torch.Generator().manual_seed(0))[:96]
