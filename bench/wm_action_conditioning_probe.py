@@ -140,7 +140,7 @@ def motion(video: torch.Tensor, frames: dict) -> dict:
     real = frames["real"]
     start = video[:, 0].permute(0, 3, 1, 2).float().div(255).to(real.device)[:, None]
     mov = M.moving_mask(real, start[:, 0])
-    out = {}
+    out: dict = {}
     for k in ("real", "own", "swapped"):
         if k in frames:
             out[f"motion_{k}"] = float(M.masked_l1(frames[k].float(), start.expand_as(real), mov))
@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also roll out with the engine (not for action_cond)")
     ap.add_argument("--skip_rollout", action="store_true")
     ap.add_argument("--skip_tf", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled, seed 0")
     a = ap.parse_args()
     from vla_rft_engine.data.demos import load_demos
     from vla_rft_engine.data.segments import build_segments, load_segments
@@ -175,14 +176,14 @@ def main() -> None:
     acts = torch.as_tensor(demos["actions"]).float()[:a.episodes, :a.frames]
     if not a.skip_rollout:
         t0 = time.time()
-        m, frames = evaluate_world(world, video, acts, temperature=0.0)
+        m, frames = evaluate_world(world, video, acts, temperature=a.temperature)
         res["plain_loop"] = {**m, **motion(video, frames), "wall_s": round(time.time() - t0, 1)}
         print("plain loop:", json.dumps({k: m[k] for k in ("moving_l1", "moving_l1_swapped", "moving_l1_ratio")}),
               flush=True)
         if a.engine:
             eng = LearnedWorld(world.tokenizer, wm, world.discretizer, world.action_dropout)
             t0 = time.time()
-            m2, frames2 = evaluate_world(eng, video, acts, temperature=0.0)
+            m2, frames2 = evaluate_world(eng, video, acts, temperature=a.temperature)
             res["engine"] = {**m2, "wall_s": round(time.time() - t0, 1),
                              "frames_equal_to_plain_loop": float((frames2["own"] == frames["own"]).float().mean())}
             print("engine:", json.dumps({k: m2[k] for k in ("moving_l1", "moving_l1_swapped", "moving_l1_ratio")}),
