@@ -34,6 +34,12 @@ class WorldModelConfig:
     num_codes: int = 4375  # generated frame tokens are restricted to dynamics codes [0, num_codes)
     attn_backend: str = "auto"  # decode attention: auto | triton | sdpa | flash | eager (engine/attention.py)
     norm_backend: str = "auto"  # auto (triton on CUDA without grad) | torch | triton (fused RMSNorm)
+    # PROTOTYPE (issue #10), off by default: add a learned projection of the preceding action block's bin values
+    # to the input embedding of every token of the next frame (and of the block's last token, which predicts
+    # that frame's first token). Action ids are [2*num_codes, vocab_size-2) (layout.TokenLayout); blocks are
+    # `action_dim` consecutive action ids. Full forwards only: the KV-cache engine does not support it.
+    action_cond: bool = False
+    action_dim: int = 7
 
     @property
     def head_dim(self) -> int:
@@ -64,7 +70,8 @@ class WorldModelConfig:
 
     # --- Hugging Face LlamaConfig <-> ours ---
     def to_hf_dict(self) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+        extra = {"vla_rft_action_cond": True, "vla_rft_action_dim": self.action_dim} if self.action_cond else {}
+        return extra | {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
                 "hidden_size": self.dim, "intermediate_size": self.intermediate_size,
                 "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
                 "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim, "hidden_act": "silu",
@@ -88,7 +95,8 @@ class WorldModelConfig:
                   n_head=d["num_attention_heads"], n_kv_head=d.get("num_key_value_heads") or d["num_attention_heads"],
                   intermediate_size=d["intermediate_size"], max_position=d.get("max_position_embeddings", 8192),
                   rms_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-                  num_codes=d.get("vla_rft_num_codes", 4375))
+                  num_codes=d.get("vla_rft_num_codes", 4375), action_cond=bool(d.get("vla_rft_action_cond", False)),
+                  action_dim=d.get("vla_rft_action_dim", 7))
         kw.update(overrides)
         return cls(**kw).validate()
 
@@ -175,6 +183,8 @@ _HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_pr
 
 
 def hf_name(ours: str) -> str:
+    if ours.startswith("action_proj."):  # prototype action conditioning (no HF counterpart)
+        return "vla_rft." + ours
     if ours.startswith("layers."):
         _, i, rest = ours.split(".", 2)
         mod, leaf = rest.rsplit(".", 1)
@@ -191,6 +201,8 @@ class WorldModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.rms_eps, cfg.norm_backend)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.action_proj = (nn.Sequential(nn.Linear(cfg.action_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+                            if cfg.action_cond else None)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 tables, not a buffer: .to(bf16) must not round them
         self._fused: tuple | None = None  # (weights key, packed per-layer weights); see fused_weights
 
@@ -225,11 +237,21 @@ class WorldModel(nn.Module):
         """Final-normed hidden states (B, L, dim) for ids at `positions` (B, L)."""
         if cache is None and positions.numel() and int(positions.max()) >= self.config.max_position:
             raise ValueError(f"sequence reaches position {int(positions.max())}, the model has {self.config.max_position}")
-        x = self.tok_embeddings(ids)
+        if self.action_proj is not None and cache is not None:
+            raise NotImplementedError("action_cond world models run full forwards only (no KV-cache engine yet)")
+        x = self.embed(ids)
         cos, sin = self.rope(positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache)
         return self.norm(x)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, L, dim): token embeddings, plus the action conditioning when config.action_cond."""
+        x = self.tok_embeddings(ids)
+        if self.action_proj is not None:
+            feat, on = action_features(ids, self.config)
+            x = x + self.action_proj(feat.to(x.dtype)) * on[..., None].to(x.dtype)
+        return x
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward (training / scoring): (B, L) -> logits (B, L, V)."""
@@ -252,6 +274,9 @@ class WorldModel(nn.Module):
         masked before sampling, so every output id decodes as a frame token.
         """
         from vla_rft_engine.engine.rollout import rollout
+        if self.action_proj is not None:
+            raise NotImplementedError("action_cond world models are a prototype: the rollout engine does not support "
+                                      "them (see bench/wm_action_conditioning_probe.py for a plain greedy loop)")
         return rollout(self, prompt_ids, action_ids, tokens_per_frame=tokens_per_frame, num_samples=num_samples,
                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                        return_logprobs=return_logprobs, prompt_lengths=prompt_lengths, use_cuda_graph=use_cuda_graph,
@@ -308,6 +333,28 @@ class WorldModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def action_features(ids: torch.Tensor, cfg: WorldModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal per-position action features for config.action_cond. ids (B, L) -> (feat (B, L, A) in [-1, 1],
+    on (B, L) bool): at position i, the bin values of the last complete block of A action ids ending at or before
+    i; `on` where such a block exists and i is a non-action token or that block's last token."""
+    A = cfg.action_dim
+    a0 = 2 * cfg.num_codes
+    nb = cfg.vocab_size - 2 - a0
+    B, L = ids.shape
+    is_act = (ids >= a0) & (ids < a0 + nb)
+    vals = torch.where(is_act, (ids - a0).float().add(0.5).div(nb).mul(2).sub(1), torch.zeros((), device=ids.device))
+    pad_v = F.pad(vals, (A, 0))  # (B, L + A)
+    pad_a = F.pad(is_act.float(), (A, 0))
+    win = pad_v.unfold(1, A, 1)[:, 1:]  # (B, L, A): values at i-A+1 .. i
+    full = pad_a.unfold(1, A + 1, 1)  # (B, L, A+1): flags at i-A .. i
+    is_end = (full[..., 1:].sum(-1) == A) & (full[..., 0] == 0)  # a block of exactly A action ids ends at i
+    pos = torch.arange(L, device=ids.device).expand(B, L)
+    last = torch.where(is_end, pos, torch.full_like(pos, -1)).cummax(1).values
+    on = (last >= 0) & (~is_act | is_end)
+    feat = win.gather(1, last.clamp_min(0)[..., None].expand(B, L, A))
+    return feat, on
 
 
 _RUNTIME = {"attn_backend", "norm_backend"}  # settings that do not touch the weights

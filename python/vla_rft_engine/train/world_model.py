@@ -181,8 +181,10 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
         if lay:  # the vocabulary follows the tokenizer that made the segments (paper: 4375 codes, 9008 ids)
             tl = TokenLayout(**lay)
             sizes = {"vocab_size": tl.vocab_size, "num_codes": tl.num_codes}
-        wm = init_weights(WorldModel(WorldModelConfig.preset(cfg.preset, max_position=max(2048, ids.shape[1]), **sizes)),
-                          seed=cfg.seed)
+        if cfg.action_cond:
+            sizes["action_dim"] = tl.action_dim if lay else TokenLayout().action_dim
+        wm = init_weights(WorldModel(WorldModelConfig.preset(cfg.preset, max_position=max(2048, ids.shape[1]),
+                                                             action_cond=cfg.action_cond, **sizes)), seed=cfg.seed)
         if cfg.structured_init and lay:
             structured_token_init(wm, tl, seg.get("fsq_levels"), cfg.seed)
     wm.check_ids(ids, "segments ids")
@@ -191,7 +193,8 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
     wm.to(dev).train()
     # DDP averages gradients over ranks; FSDP2: every part the loss calls is its own unit (masked_nll calls
     # hidden() and output directly)
-    loss_fn, sharded = du.data_parallel(_Loss(wm), d, cfg.distributed, [*wm.layers, wm.tok_embeddings, wm.norm, wm.output])
+    loss_fn, sharded = du.data_parallel(_Loss(wm), d, cfg.distributed, [*wm.layers, wm.tok_embeddings, wm.norm, wm.output,
+                                                                    *([wm.action_proj] if wm.action_proj is not None else [])])
     lay = TokenLayout(**seg["layout"]) if seg.get("layout") else TokenLayout()
     frame_step = lay.dynamics_tokens + lay.action_dim
     opt = torch.optim.AdamW(wm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
