@@ -10,7 +10,7 @@ engine's rollout (baseline only), to check the plain loop against it.
 
 Teacher-forced: mean next-token NLL on the generated-frame targets, own vs swapped action tokens (each segment
 takes the previous segment's action tokens), overall and on the targets that differ from the token one frame
-earlier ("changed"), on 96 random training segments (as /tmp/s6/tf_nll.py) and on the held-out episodes cut
+earlier ("changed"), on 96 random training segments and on the held-out episodes cut
 into segments.
 
   python bench/wm_action_conditioning_probe.py --wm RUN/world_model --heldout val.pt --segments seg.pt --out x.json
@@ -70,17 +70,10 @@ class PlainLoopWorld(LearnedWorld):
                 return_tokens=False, timings=None, guidance=0.0):
         if top_p != 1.0 or top_k or guidance:
             raise ValueError("the plain loop supports greedy / plain temperature sampling only")
-        self._check_start(start)
-        B = start.shape[0]
-        acts = self._check_actions(actions, B)
-        if acts.dim() == 3:
-            acts = acts[:, None].expand(B, num_samples, *acts.shape[1:])
-        N, T = acts.shape[1], acts.shape[2]
+        ctx, shared, bins = self.prompt(start, actions, num_samples)
+        N, T = bins.shape[1], bins.shape[2]
         lay, wm = self.layout, self.world_model
-        dev = wm.output.weight.device
-        ctx, dyn0 = self.tokenizer.encode_clip(start.to(self.tokenizer.ctx_to_code.weight.device)[:, None])
-        bins = lay.bins_to_vocab(self.discretizer.encode(acts.to(dev))).flatten(0, 1)  # (B*N, T, A)
-        shared = torch.cat([lay.context_to_vocab(ctx), lay.dynamics_to_vocab(dyn0[:, 0])], 1).to(dev)
+        bins = bins.flatten(0, 1)  # (B*N, T, A)
         ids = torch.cat([shared.repeat_interleave(N, 0), bins[:, 0]], 1)
         cache = _Cache(len(wm.layers))
         n_new, out = ids.shape[1], []
@@ -97,15 +90,12 @@ class PlainLoopWorld(LearnedWorld):
             if t + 1 < T:
                 # the action block goes in as one chunk, with the last generated token (not fed yet)
                 ids, n_new = torch.cat([ids, bins[:, t + 1]], 1), 1 + bins.shape[-1]
-        gen = torch.cat(out, 1)  # (B*N, T*64) dynamics ids
-        dyn = lay.vocab_to_dynamics(gen).view(B, N * T, -1)
-        frames = self.tokenizer.decode(ctx, dyn).view(B, N, T, *start.shape[1:])
-        return (frames, dyn.view(B, N, T, -1)) if return_tokens else frames
+        return self.frames(ctx, torch.cat(out, 1), N, T, return_tokens)  # out: (B*N, T*64) dynamics ids
 
 
 @torch.no_grad()
 def tf_nll(wm: WorldModel, ids: torch.Tensor, mask: torch.Tensor, lay: TokenLayout) -> dict:
-    """Teacher-forced NLL own vs swapped action tokens (all targets and changed targets), as /tmp/s6/tf_nll.py."""
+    """Teacher-forced NLL own vs swapped action tokens (all targets and changed targets)."""
     fs = lay.dynamics_tokens + lay.action_dim
     a0 = lay.action_offset
     is_act = (ids >= a0) & (ids < a0 + lay.num_action_bins)

@@ -147,22 +147,33 @@ class LearnedWorld:
         o_1..o_T as (B, N, T, 3, H, W) in [0, 1] (and the dynamics code ids (B, N, T, n) with return_tokens).
         guidance > 0: action guidance (engine/rollout.py), for a world model trained with action_dropout.
         """
+        ctx, shared, bins = self.prompt(start, actions, num_samples)
+        ids = self.world_model.rollout(shared, bins[:, :, 1:].flatten(0, 1), tokens_per_frame=self.layout.dynamics_tokens,
+                                       num_samples=bins.shape[1], temperature=temperature, top_p=top_p, top_k=top_k,
+                                       generator=generator, row_prompt_ids=bins[:, :, 0].flatten(0, 1), timings=timings,
+                                       **self._guide(guidance, bins.flatten(0, 1)))
+        return self.frames(ctx, ids, bins.shape[1], bins.shape[2], return_tokens)
+
+    def prompt(self, start: torch.Tensor, actions: torch.Tensor, num_samples: int = 1):
+        """imagine's inputs as token ids -> (context codes (B, n), the prompt shared by a group: ctx + dyn(o_0)
+        (B, 2n) on the world model's device, every rollout's action bins as vocabulary ids (B, N, T, A))."""
         self._check_start(start)
         B = start.shape[0]
         acts = self._check_actions(actions, B)
         if acts.dim() == 3:
             acts = acts[:, None].expand(B, num_samples, *acts.shape[1:])
-        N, T = acts.shape[1], acts.shape[2]
         lay, dev = self.layout, self.world_model.output.weight.device
         ctx, dyn0 = self.tokenizer.encode_clip(start.to(self.tokenizer.ctx_to_code.weight.device)[:, None])  # o_0 is both
-        dyn0 = dyn0[:, 0]
-        bins = lay.bins_to_vocab(self.discretizer.encode(acts.to(dev))).flatten(0, 1)  # (B*N, T, A)
-        shared = torch.cat([lay.context_to_vocab(ctx), lay.dynamics_to_vocab(dyn0)], 1)  # ctx + dyn0, once per group
-        ids = self.world_model.rollout(shared, bins[:, 1:], tokens_per_frame=lay.dynamics_tokens, num_samples=N,
-                                       temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                                       row_prompt_ids=bins[:, 0], timings=timings, **self._guide(guidance, bins))
-        dyn = lay.vocab_to_dynamics(ids).view(B, N * T, -1)
-        frames = self.tokenizer.decode(ctx, dyn).view(B, N, T, *start.shape[1:])  # one context decode per group
+        bins = lay.bins_to_vocab(self.discretizer.encode(acts.to(dev)))  # (B, N, T, A)
+        shared = torch.cat([lay.context_to_vocab(ctx), lay.dynamics_to_vocab(dyn0[:, 0])], 1).to(dev)
+        return ctx, shared, bins
+
+    def frames(self, ctx: torch.Tensor, ids: torch.Tensor, N: int, T: int, return_tokens: bool = False):
+        """Generated dynamics ids (B*N, T*n) -> frames (B, N, T, 3, H, W) (and the codes (B, N, T, n)); one context
+        decode per group."""
+        B = ctx.shape[0]
+        dyn = self.layout.vocab_to_dynamics(ids).view(B, N * T, -1)
+        frames = self.tokenizer.decode(ctx, dyn).view(B, N, T, 3, self.image_size, self.image_size)
         return (frames, dyn.view(B, N, T, -1)) if return_tokens else frames
 
     def _guide(self, guidance: float, bins: torch.Tensor) -> dict:
