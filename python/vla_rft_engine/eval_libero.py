@@ -22,12 +22,13 @@ from .eval_config import EvalConfig
 SUITE_COLUMNS = {"libero_spatial": "Spatial", "libero_object": "Object", "libero_goal": "Goal", "libero_10": "Long"}
 FAMILIES = [("object", "Object"), ("goal", "Goal"), ("robot", "Robot"), ("all", "All")]  # Table 3's columns
 DEFAULT_IMAGE_SIZE = 128
-ACTION_DIM, PROPRIO_DIM = 7, 8  # LIBERO: 6-D OSC deltas + gripper; eef xyz, axis-angle, two finger joints
+ACTION_DIM = 7  # LIBERO: 6-D OSC deltas + gripper (envs.tabletop.check_action, which the LIBERO env shares)
 
 
 def check_policy(path: str, image_size: int) -> tuple[int, dict]:
     """Load the policy once here (a bad file is a one-line error before any worker starts) -> (the frame size
     to run at, what to report about it)."""
+    from .envs.libero_env import PROPRIO_DIM
     from .train.sft import load_policy
     p = Path(path)
     if not p.exists():
