@@ -23,14 +23,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
 TASK = "libero_object/0"  # pick up the alphabet soup and place it in the basket (expert: 50/50 inits)
-SIZES = {"image_size": 64, "demo_inits": list(range(24, 50)), "eval_inits": 12, "eval_max_steps": 160,
+SIZES: dict[str, Any] = {"image_size": 64, "demo_inits": list(range(24, 50)), "eval_inits": 12, "eval_max_steps": 160,
          "tokenizer_steps": 300, "wm_steps": 400, "sft_steps": 400, "rft_steps": 20, "workers": 2}
 SETTINGS = ["none", "object_minor", "object_major"]
+
+
+def gain_interval(successful: dict, successful_sft: dict, inits: int) -> dict:
+    """RFT - SFT success (points) with evaluation.paired_bootstrap's 95% interval: both policies ran the same
+    official initial states 0..inits-1 in every setting, so episodes pair by (setting, initial state)."""
+    from vla_rft_engine.evaluation import paired_bootstrap
+    recs = [{"policy": name, "setting": st, "seed": 0, "outcomes": [int(i in ok[st]) for i in range(inits)]}
+            for name, ok in (("rft_seed0", successful), ("sft", successful_sft)) for st in ok]
+    return paired_bootstrap(recs, list(successful), [0])
 
 
 def cli(*args: str) -> None:
@@ -123,11 +133,14 @@ def main() -> None:
               "successful_inits_sft": {st: [r["init_index"] for r in res_sft["records"]
                                             if r["perturbation"] == st and r["success"]] for st in res_sft["table"]},
               "episodes_per_setting": {st: v["episodes"] for st, v in res["table"].items()},
+              "rft_minus_sft_points": None,  # filled below from the two successful_inits
               "tokenizer_heldout_psnr": json.loads((out / "tokenizer" / "eval.json").read_text()).get("psnr"),
               "rft_reward_mean_first_last": [rows[0].get("reward/mean"), rows[-1].get("reward/mean")] if rows else None,
               "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # other jobs on the machine slow stages
               "eval_init_states": f"official initial states 0..{SIZES['eval_inits'] - 1}; demos from "
                                   f"{SIZES['demo_inits'][0]}..{SIZES['demo_inits'][-1]}"}
+    record["rft_minus_sft_points"] = gain_interval(record["successful_inits"], record["successful_inits_sft"],
+                                                   SIZES["eval_inits"])
     dest = ROOT / a.result
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".json").write_text(json.dumps(record, indent=1))
