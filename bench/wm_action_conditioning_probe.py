@@ -1,12 +1,13 @@
-"""PROTOTYPE probe for issue #10: does stronger action conditioning make world-model rollouts action-sensitive?
+"""Probe for issue #10: does stronger action conditioning make world-model rollouts action-sensitive?
 
 Compares a world model trained with `action_cond=true` (WorldModelConfig.action_cond: a learned projection of the
 preceding action block's 7 bin values added to the input embedding of every token of the next frame) against
 the plain baseline, with ONE rollout code for both: a plain PyTorch greedy per-token loop with a simple
-per-layer KV cache (`PlainLoopWorld.imagine`; the engine does not support action_cond). The metric is the
+per-layer KV cache (`PlainLoopWorld.imagine`, written before the engine supported action_cond; it is
+now an independent reference for the engine). The metric is the
 official one (train/wm_eval.py `evaluate_world`: moving-pixel L1 to the real frames under each episode's own
 actions vs under episode e-1's, 16 held-out episodes, 8 frames, greedy). `--engine` also evaluates with the
-engine's rollout (baseline only), to check the plain loop against it.
+engine's rollout, to check the plain loop against it.
 
 Teacher-forced: mean next-token NLL on the generated-frame targets, own vs swapped action tokens (each segment
 takes the previous segment's action tokens), overall and on the targets that differ from the token one frame
@@ -149,7 +150,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--engine", action="store_true", help="also roll out with the engine (not for action_cond)")
+    ap.add_argument("--engine", action="store_true", help="also roll out with the engine")
     ap.add_argument("--skip_rollout", action="store_true")
     ap.add_argument("--skip_tf", action="store_true")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled, seed 0")

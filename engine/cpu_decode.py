@@ -94,7 +94,7 @@ class CpuDecoder:
         B, L = ids.shape
         G, N, H, HKV, D = self.G, self.N, self.H, self.HKV, self.D
         s0 = c.s0_host
-        x = F.embedding(ids, self.wm.tok_embeddings.weight).view(B * L, -1)
+        x = self.wm.embed(ids, c).view(B * L, -1)  # + action conditioning when the model has it
         for i, blk in enumerate(self.wm.layers):
             wqkv, w13 = self.fused[i]
             qkv = torch.mm(_rms(x, blk.attention_norm.weight, cfg.rms_eps), wqkv.t())

@@ -30,6 +30,12 @@ class RolloutCache:
         self.s0 = torch.zeros((), dtype=torch.int64, device=device)  # suffix slots filled
         self.s0_host: int | None = 0  # host mirror for slicing on eager paths; None under graph capture
         self.mode = "prefill"
+        self.action_carry: tuple | None = None  # per-row model state across chunks (WorldModel.embed, action_cond)
+
+    def spread_carry(self) -> None:
+        """After the prefill: each group's carried state goes to each of its rows."""
+        if self.action_carry is not None:
+            self.action_carry = tuple(t.repeat_interleave(self.samples, 0) for t in self.action_carry)
 
     def set_prefix_lens(self, lens: torch.Tensor) -> None:
         self.prefix_lens.copy_(lens)

@@ -13,6 +13,8 @@ action_ids (G, T-1, A) shared by a group's samples, or (G*N, T-1, A) one sequenc
 sampled action chunk gets its own rollout); action t is appended after generated frame t.
 Returns frame tokens (G*N, T, F) (samples of one prompt adjacent), and log-probs (G*N, T, F) when asked.
 Frame tokens are sampled only among dynamics codes [0, cfg.num_codes); other logits are masked.
+A model whose input embeddings depend on earlier tokens (WorldModel.embed with action_cond) keeps that state in
+cache.action_carry: per group after the prefill, then per row (RolloutCache.spread_carry).
 
 Action guidance (guidance = w > 0; classifier-free guidance over the actions): each rollout also runs an
 unconditional twin whose action tokens are `uncond_row_prompt_ids` / `uncond_action_ids` (the null action id,
@@ -126,6 +128,7 @@ class _Stepper:
         B = c.groups * c.samples
         self.static_ids = torch.zeros((B, 1), dtype=torch.int64, device=c.s0.device)
         s0_save, host_save = c.s0.clone(), c.s0_host
+        carry_save = None if c.action_carry is None else [t.clone() for t in c.action_carry]
         c.s0_host = None  # no host-side slicing inside the graph
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -137,6 +140,8 @@ class _Stepper:
         with torch.cuda.graph(self.graph):
             self.static_logits = self._forward(self.static_ids)
         c.s0.copy_(s0_save)
+        for t, saved in zip(c.action_carry or (), carry_save or ()):
+            t.copy_(saved)
         c.s0_host = host_save  # warm-up wrote garbage into suffix slots that later steps overwrite
 
     def __call__(self, ids):
@@ -211,6 +216,7 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
             head = wm.output.weight[:cfg.num_codes]  # the head over dynamics codes only: the rest would be masked
             logits = torch.nn.functional.linear(h[torch.arange(G, device=dev), lens_d - 1], head).repeat_interleave(N, 0)
     cache.mode = "decode"
+    cache.spread_carry()
     clock.lap("prefill_s")
     if use_cuda_graph is None:
         use_cuda_graph = dev.type == "cuda" and backend in ("triton", "sdpa", "flash")

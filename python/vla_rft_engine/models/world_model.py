@@ -34,10 +34,10 @@ class WorldModelConfig:
     num_codes: int = 4375  # generated frame tokens are restricted to dynamics codes [0, num_codes)
     attn_backend: str = "auto"  # decode attention: auto | triton | sdpa | flash | eager (engine/attention.py)
     norm_backend: str = "auto"  # auto (triton on CUDA without grad) | torch | triton (fused RMSNorm)
-    # PROTOTYPE (issue #10), off by default: add a learned projection of the preceding action block's bin values
-    # to the input embedding of every token of the next frame (and of the block's last token, which predicts
-    # that frame's first token). Action ids are [2*num_codes, vocab_size-2) (layout.TokenLayout); blocks are
-    # `action_dim` consecutive action ids. Full forwards only: the KV-cache engine does not support it.
+    # Issue #10, off by default: add a learned projection of the preceding action block's bin values to the input
+    # embedding of every token of the next frame (and of the block's last token, which predicts that frame's first
+    # token). Action ids are [2*num_codes, vocab_size-2) (layout.TokenLayout); blocks are `action_dim` consecutive
+    # action ids. The rollout engine carries the features across chunks (embed / action_features).
     action_cond: bool = False
     action_dim: int = 7
 
@@ -237,19 +237,26 @@ class WorldModel(nn.Module):
         """Final-normed hidden states (B, L, dim) for ids at `positions` (B, L)."""
         if cache is None and positions.numel() and int(positions.max()) >= self.config.max_position:
             raise ValueError(f"sequence reaches position {int(positions.max())}, the model has {self.config.max_position}")
-        if self.action_proj is not None and cache is not None:
-            raise NotImplementedError("action_cond world models run full forwards only (no KV-cache engine yet)")
-        x = self.embed(ids)
+        x = self.embed(ids, cache)
         cos, sin = self.rope(positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache)
         return self.norm(x)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings (B, L, dim): token embeddings, plus the action conditioning when config.action_cond."""
+    def embed(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """Input embeddings (B, L, dim): token embeddings, plus the action conditioning when config.action_cond.
+        With a cache (the rollout engine's), the features carry over chunks in `cache.action_carry`, in place once
+        it exists (so a captured CUDA graph replays it); its rows are the cache's current rows."""
         x = self.tok_embeddings(ids)
         if self.action_proj is not None:
-            feat, on = action_features(ids, self.config)
+            carry = getattr(cache, "action_carry", None)
+            feat, on, new = action_features(ids, self.config, carry)
+            if cache is not None:
+                if carry is None:
+                    cache.action_carry = new
+                else:
+                    for c, n in zip(carry, new):
+                        c.copy_(n)
             x = x + self.action_proj(feat.to(x.dtype)) * on[..., None].to(x.dtype)
         return x
 
@@ -274,9 +281,6 @@ class WorldModel(nn.Module):
         masked before sampling, so every output id decodes as a frame token.
         """
         from vla_rft_engine.engine.rollout import rollout
-        if self.action_proj is not None:
-            raise NotImplementedError("action_cond world models are a prototype: the rollout engine does not support "
-                                      "them (see bench/wm_action_conditioning_probe.py for a plain greedy loop)")
         return rollout(self, prompt_ids, action_ids, tokens_per_frame=tokens_per_frame, num_samples=num_samples,
                        temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                        return_logprobs=return_logprobs, prompt_lengths=prompt_lengths, use_cuda_graph=use_cuda_graph,
@@ -335,26 +339,34 @@ class WorldModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def action_features(ids: torch.Tensor, cfg: WorldModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def action_features(ids: torch.Tensor, cfg: WorldModelConfig, carry: tuple | None = None):
     """Causal per-position action features for config.action_cond. ids (B, L) -> (feat (B, L, A) in [-1, 1],
-    on (B, L) bool): at position i, the bin values of the last complete block of A action ids ending at or before
-    i; `on` where such a block exists and i is a non-action token or that block's last token."""
+    on (B, L) bool, carry): at position i, the bin values of the last complete block of A action ids ending at or
+    before i; `on` where such a block exists and i is a non-action token or that block's last token.
+
+    carry (from the previous call on the same rows, None at the sequence start) makes chunked calls equal one call
+    over the whole sequence: (the last A ids, the current block's values (B, A), whether a block has ended (B,))."""
     A = cfg.action_dim
     a0 = 2 * cfg.num_codes
     nb = cfg.vocab_size - 2 - a0
     B, L = ids.shape
-    is_act = (ids >= a0) & (ids < a0 + nb)
-    vals = torch.where(is_act, (ids - a0).float().add(0.5).div(nb).mul(2).sub(1), torch.zeros((), device=ids.device))
-    pad_v = F.pad(vals, (A, 0))  # (B, L + A)
-    pad_a = F.pad(is_act.float(), (A, 0))
-    win = pad_v.unfold(1, A, 1)[:, 1:]  # (B, L, A): values at i-A+1 .. i
-    full = pad_a.unfold(1, A + 1, 1)  # (B, L, A+1): flags at i-A .. i
-    is_end = (full[..., 1:].sum(-1) == A) & (full[..., 0] == 0)  # a block of exactly A action ids ends at i
+    if carry is None:  # id 0 is a context code: the sequence start reads as "no action before"
+        carry = (ids.new_zeros(B, A), torch.zeros(B, A, device=ids.device), torch.zeros(B, dtype=torch.bool,
+                                                                                          device=ids.device))
+    tail, c_feat, c_has = carry
+    ext = torch.cat([tail, ids], 1)  # (B, A + L): chunk position i is ext index A + i
+    is_act = (ext >= a0) & (ext < a0 + nb)
+    vals = torch.where(is_act, (ext - a0).float().add(0.5).div(nb).mul(2).sub(1), torch.zeros((), device=ids.device))
+    win = vals.unfold(1, A, 1)[:, 1:]  # (B, L, A): values at i-A+1 .. i
+    full = is_act.unfold(1, A + 1, 1)  # (B, L, A+1): flags at i-A .. i
+    is_end = full[..., 1:].all(-1) & ~full[..., 0]  # a block of exactly A action ids ends at i
     pos = torch.arange(L, device=ids.device).expand(B, L)
     last = torch.where(is_end, pos, torch.full_like(pos, -1)).cummax(1).values
-    on = (last >= 0) & (~is_act | is_end)
-    feat = win.gather(1, last.clamp_min(0)[..., None].expand(B, L, A))
-    return feat, on
+    mine = last >= 0  # a block ended inside this chunk; else the carried one holds
+    feat = torch.where(mine[..., None], win.gather(1, last.clamp_min(0)[..., None].expand(B, L, A)), c_feat[:, None])
+    has = mine | c_has[:, None]
+    on = has & (~is_act[:, A:] | is_end)
+    return feat, on, (ext[:, -A:], feat[:, -1], has[:, -1])
 
 
 _RUNTIME = {"attn_backend", "norm_backend"}  # settings that do not touch the weights

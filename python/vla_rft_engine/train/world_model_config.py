@@ -27,7 +27,7 @@ class WMTrainConfig:
     change_weight: float = 0.0  # > 0: tokens that change from the previous frame weigh 1 + this (0: Eq. 3 MLE)
     action_dropout: float = 0.0  # > 0: this fraction of segments trains with every action token replaced by the
                                  # null id, so the model also learns p(frames | no actions) for action guidance
-    action_cond: bool = False  # PROTOTYPE (issue #10): WorldModelConfig.action_cond (from scratch only)
+    action_cond: bool = False  # WorldModelConfig.action_cond: actions also enter as a projection (from scratch only)
     structured_init: bool = True  # from scratch: code/action embeddings start from their FSQ digits / bin values
     distributed: str = "ddp"  # ddp | fsdp2 (torchrun, more than one process; fsdp2 shards weights + Adam state)
     dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
