@@ -59,19 +59,37 @@ def test_features_and_logits(tmp_path):
         for p in wm.action_proj.parameters():
             p.zero_()
         assert torch.allclose(base(ids), wm(ids), atol=1e-6)
-    # save/load keeps the option and the weights
-    wm2 = init_weights(WorldModel(_cfg(action_cond=True)), seed=1).eval()
-    wm2.save_pretrained(tmp_path / "wm")
-    back = WorldModel.from_pretrained(tmp_path / "wm")
-    assert back.config.action_cond and torch.allclose(back(ids), wm2(ids))
+    # save/load keeps the options and the weights
+    for use_sum in (False, True):
+        wm2 = init_weights(WorldModel(_cfg(action_cond=True, action_cond_sum=use_sum)), seed=1).eval()
+        wm2.save_pretrained(tmp_path / f"wm{use_sum}")
+        back = WorldModel.from_pretrained(tmp_path / f"wm{use_sum}")
+        assert back.config.action_cond and back.config.action_cond_sum == use_sum
+        assert torch.allclose(back(ids), wm2(ids))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_chunked_features_equal_one_pass(seed):
+def test_sum_features_are_the_displacement_so_far():
+    """action_cond_sum: the extra features at a frame's tokens are the sum of every action block before them."""
+    g = torch.Generator().manual_seed(3)
+    ids, act = _segment(g)
+    feat, on, _ = action_features(ids, _cfg(action_cond=True, action_cond_sum=True))
+    vals = (act[0].float() + 0.5) / LAY.num_action_bins * 2 - 1  # (2 blocks, A)
+    A, n = LAY.action_dim, LAY.dynamics_tokens
+    ends = [LAY.context_tokens + n + A - 1, LAY.context_tokens + n + A + n + A - 1]  # last ids of a_0, a_1
+    assert feat.shape[-1] == 2 * A
+    assert torch.allclose(feat[0, ends[0] + 1, :A], vals[0]) and torch.allclose(feat[0, ends[0] + 1, A:], vals[0])
+    assert torch.allclose(feat[0, ends[1] + 1, :A], vals[1]) and torch.allclose(feat[0, ends[1] + 1, A:], vals[0] + vals[1])
+    assert torch.equal(on, action_features(ids, _cfg(action_cond=True))[1])
+    with pytest.raises(Exception, match="action_cond_sum=true needs action_cond"):
+        WMTrainConfig(segments="seg.pt", action_cond_sum=True).validate()
+
+
+@pytest.mark.parametrize("seed,use_sum", [(0, False), (1, False), (2, False), (0, True), (1, True)])
+def test_chunked_features_equal_one_pass(seed, use_sum):
     """The carry makes features computed chunk by chunk (as the engine feeds them) equal one pass over the
     sequence, for structured segments and for random ids with action runs of any length."""
     g = torch.Generator().manual_seed(seed)
-    cfg = _cfg(action_cond=True)
+    cfg = _cfg(action_cond=True, action_cond_sum=use_sum)
     seg = torch.cat([_segment(g)[0] for _ in range(2)], 0)
     noise = torch.randint(0, LAY.vocab_size, (2, 60), generator=g)
     runs = torch.randint(0, 2, (2, 60), generator=g).bool()
@@ -85,7 +103,7 @@ def test_chunked_features_equal_one_pass(seed):
             f, o, carry = action_features(ids[:, a:b], cfg, carry)
             parts.append((f, o))
         assert torch.equal(torch.cat([o for _, o in parts], 1), on)
-        assert torch.equal(torch.cat([f for f, _ in parts], 1)[on], feat[on])
+        torch.testing.assert_close(torch.cat([f for f, _ in parts], 1)[on], feat[on], atol=1e-6, rtol=0)
 
 
 def _greedy_reference(wm, shared, rows, acts, T, F):
@@ -105,11 +123,13 @@ def _greedy_reference(wm, shared, rows, acts, T, F):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("backend,fast", [("eager", True), ("eager", False), ("sdpa", True), ("triton", False)])
-def test_engine_rollout_equals_full_forward_loop(backend, fast):
+@pytest.mark.parametrize("backend,fast,use_sum", [("eager", True, False), ("eager", False, False), ("sdpa", True, False),
+                                                   ("triton", False, False), ("eager", True, True), ("sdpa", False, True)])
+def test_engine_rollout_equals_full_forward_loop(backend, fast, use_sum):
     """Each rollout's own a_0 (row prompt) and its own later actions reach its frames through the projection."""
     torch.manual_seed(0)
-    wm = init_weights(WorldModel(_cfg(action_cond=True, attn_backend=backend, n_layer=2)), std=0.1, seed=3).eval()
+    wm = init_weights(WorldModel(_cfg(action_cond=True, action_cond_sum=use_sum, attn_backend=backend, n_layer=2)),
+                      std=0.1, seed=3).eval()
     with torch.no_grad():  # a strong projection, so other actions change the greedy tokens
         for p in wm.action_proj.parameters():
             p.mul_(30)

@@ -40,6 +40,9 @@ class WorldModelConfig:
     # action ids. The rollout engine carries the features across chunks (embed / action_features).
     action_cond: bool = False
     action_dim: int = 7
+    # with action_cond: also feed the sum of every action block so far (the displacement since the sequence's first
+    # frame), so a frame far into a rollout need not recover the gripper's position from its own generated tokens
+    action_cond_sum: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -70,7 +73,8 @@ class WorldModelConfig:
 
     # --- Hugging Face LlamaConfig <-> ours ---
     def to_hf_dict(self) -> dict:
-        extra = {"vla_rft_action_cond": True, "vla_rft_action_dim": self.action_dim} if self.action_cond else {}
+        extra = ({"vla_rft_action_cond": True, "vla_rft_action_dim": self.action_dim,
+                  "vla_rft_action_cond_sum": self.action_cond_sum} if self.action_cond else {})
         return extra | {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
                 "hidden_size": self.dim, "intermediate_size": self.intermediate_size,
                 "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
@@ -96,7 +100,8 @@ class WorldModelConfig:
                   intermediate_size=d["intermediate_size"], max_position=d.get("max_position_embeddings", 8192),
                   rms_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
                   num_codes=d.get("vla_rft_num_codes", 4375), action_cond=bool(d.get("vla_rft_action_cond", False)),
-                  action_dim=d.get("vla_rft_action_dim", 7))
+                  action_dim=d.get("vla_rft_action_dim", 7),
+                  action_cond_sum=bool(d.get("vla_rft_action_cond_sum", False)))
         kw.update(overrides)
         return cls(**kw).validate()
 
@@ -201,7 +206,8 @@ class WorldModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.rms_eps, cfg.norm_backend)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.action_proj = (nn.Sequential(nn.Linear(cfg.action_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        n_feat = cfg.action_dim * (2 if cfg.action_cond_sum else 1)
+        self.action_proj = (nn.Sequential(nn.Linear(n_feat, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
                             if cfg.action_cond else None)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 tables, not a buffer: .to(bf16) must not round them
         self._fused: tuple | None = None  # (weights key, packed per-layer weights); see fused_weights
@@ -342,17 +348,19 @@ class WorldModel(nn.Module):
 def action_features(ids: torch.Tensor, cfg: WorldModelConfig, carry: tuple | None = None):
     """Causal per-position action features for config.action_cond. ids (B, L) -> (feat (B, L, A) in [-1, 1],
     on (B, L) bool, carry): at position i, the bin values of the last complete block of A action ids ending at or
-    before i; `on` where such a block exists and i is a non-action token or that block's last token.
+    before i; `on` where such a block exists and i is a non-action token or that block's last token. With
+    cfg.action_cond_sum, feat (B, L, 2A) also holds the sum of every block ended at or before i.
 
     carry (from the previous call on the same rows, None at the sequence start) makes chunked calls equal one call
-    over the whole sequence: (the last A ids, the current block's values (B, A), whether a block has ended (B,))."""
+    over the whole sequence: (the last A ids, the current features (B, A or 2A), whether a block has ended (B,))."""
     A = cfg.action_dim
     a0 = 2 * cfg.num_codes
     nb = cfg.vocab_size - 2 - a0
     B, L = ids.shape
+    nf = 2 * A if cfg.action_cond_sum else A
     if carry is None:  # id 0 is a context code: the sequence start reads as "no action before"
-        carry = (ids.new_zeros(B, A), torch.zeros(B, A, device=ids.device), torch.zeros(B, dtype=torch.bool,
-                                                                                          device=ids.device))
+        carry = (ids.new_zeros(B, A), torch.zeros(B, nf, device=ids.device), torch.zeros(B, dtype=torch.bool,
+                                                                                           device=ids.device))
     tail, c_feat, c_has = carry
     ext = torch.cat([tail, ids], 1)  # (B, A + L): chunk position i is ext index A + i
     is_act = (ext >= a0) & (ext < a0 + nb)
@@ -363,7 +371,10 @@ def action_features(ids: torch.Tensor, cfg: WorldModelConfig, carry: tuple | Non
     pos = torch.arange(L, device=ids.device).expand(B, L)
     last = torch.where(is_end, pos, torch.full_like(pos, -1)).cummax(1).values
     mine = last >= 0  # a block ended inside this chunk; else the carried one holds
-    feat = torch.where(mine[..., None], win.gather(1, last.clamp_min(0)[..., None].expand(B, L, A)), c_feat[:, None])
+    feat = torch.where(mine[..., None], win.gather(1, last.clamp_min(0)[..., None].expand(B, L, A)), c_feat[:, None, :A])
+    if cfg.action_cond_sum:
+        total = (win * is_end[..., None]).cumsum(1) + c_feat[:, None, A:]
+        feat = torch.cat([feat, total], -1)
     has = mine | c_has[:, None]
     on = has & (~is_act[:, A:] | is_end)
     return feat, on, (ext[:, -A:], feat[:, -1], has[:, -1])

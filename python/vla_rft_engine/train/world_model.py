@@ -184,7 +184,8 @@ def _train(cfg: WMTrainConfig, d: du.Dist) -> dict:
         if cfg.action_cond:
             sizes["action_dim"] = tl.action_dim if lay else TokenLayout().action_dim
         wm = init_weights(WorldModel(WorldModelConfig.preset(cfg.preset, max_position=max(2048, ids.shape[1]),
-                                                             action_cond=cfg.action_cond, **sizes)), seed=cfg.seed)
+                                                             action_cond=cfg.action_cond,
+                                                             action_cond_sum=cfg.action_cond_sum, **sizes)), seed=cfg.seed)
         if cfg.structured_init and lay:
             structured_token_init(wm, tl, seg.get("fsq_levels"), cfg.seed)
     wm.check_ids(ids, "segments ids")

@@ -28,6 +28,7 @@ class WMTrainConfig:
     action_dropout: float = 0.0  # > 0: this fraction of segments trains with every action token replaced by the
                                  # null id, so the model also learns p(frames | no actions) for action guidance
     action_cond: bool = False  # WorldModelConfig.action_cond: actions also enter as a projection (from scratch only)
+    action_cond_sum: bool = False  # with action_cond: the projection also sees the sum of the actions so far
     structured_init: bool = True  # from scratch: code/action embeddings start from their FSQ digits / bin values
     distributed: str = "ddp"  # ddp | fsdp2 (torchrun, more than one process; fsdp2 shards weights + Adam state)
     dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
@@ -44,6 +45,8 @@ class WMTrainConfig:
                               "tokenizer=<dir> to tokenize demos here")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("steps, batch_size must be >= 1 and lr > 0")
+        if self.action_cond_sum and not self.action_cond:
+            raise ConfigError("action_cond_sum=true needs action_cond=true (it adds to that projection's input)")
         if not 0 <= self.action_dropout < 1:
             raise ConfigError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
         if self.schedule not in ("constant", "cosine"):
