@@ -22,11 +22,3 @@ def _seed():
 def cuda_only():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, for a torchrun master: a fixed one collides when two test runs share
-    the machine."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

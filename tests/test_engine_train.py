@@ -10,8 +10,6 @@ from vla_rft_engine.data.segments import load_segments, save_segments, segment_l
 from vla_rft_engine.layout import TokenLayout
 from vla_rft_engine.utils import read_jsonl
 
-from conftest import free_port
-
 
 def _synthetic(path, n=32):
     lay = TokenLayout(context_tokens=8, dynamics_tokens=4)
@@ -87,7 +85,7 @@ def test_pretrain_wm_two_gloo_ranks_equal_one(tmp_path, wrap):
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "python")}
     for steps in (3, 6):  # stopped at 3 and resumed: the sharded checkpoint round trip is in the comparison
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            f"--master_port={free_port()}", "-m", "vla_rft_engine.cli", "pretrain-wm", *args,
+                            "--standalone", "-m", "vla_rft_engine.cli", "pretrain-wm", *args,
                             f"distributed={wrap}", "ckpt_every=3", f"steps={steps}", f"out_dir={tmp_path / 'two'}"],
                            env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]

@@ -14,8 +14,6 @@ from vla_rft_engine.config import ConfigError, load_config, to_dict
 from vla_rft_engine.rl import rft
 from vla_rft_engine.utils import atomic_save, read_jsonl
 
-from conftest import free_port
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -144,7 +142,7 @@ def test_two_gloo_ranks_equal_one(stage, tmp_path, wrap):
     one = rft.train(cfg_for(stage, tmp_path / "w1", *extra))
     args = args_for(stage, tmp_path / "w2", f"distributed={wrap}", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "python")}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         "-m", "vla_rft_engine.cli", "rft", *args], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     two = read_jsonl(tmp_path / "w2" / "metrics.jsonl")
