@@ -123,21 +123,27 @@ def _greedy_reference(wm, shared, rows, acts, T, F):
     return torch.stack(out, 1)
 
 
+def _engine_case(seed: int, G: int, N: int, T: int, proj_scale: float = 30.0, **cfg):
+    """An action_cond model (projection scaled up, so other actions change greedy tokens) and rollout inputs:
+    the groups' shared prompt (context + first dynamics frame) and every rollout's own action bins (G*N, T, A)."""
+    wm = init_weights(WorldModel(_cfg(action_cond=True, n_layer=2, **cfg)), std=0.1, seed=seed).eval()
+    with torch.no_grad():
+        for p in wm.action_proj.parameters():
+            p.mul_(proj_scale)
+    F = LAY.dynamics_tokens
+    g = torch.Generator().manual_seed(seed + 10)
+    shared = torch.cat([torch.randint(LAY.context_offset, LAY.context_offset + LAY.num_codes, (G, LAY.context_tokens),
+                                      generator=g), torch.randint(0, LAY.num_codes, (G, F), generator=g)], 1)
+    bins = torch.randint(0, LAY.num_action_bins, (G * N, T, LAY.action_dim), generator=g) + LAY.action_offset
+    return wm, shared, bins
+
+
 @pytest.mark.parametrize("backend,fast,use_sum", [("eager", True, False), ("eager", False, False), ("sdpa", True, False),
                                                    ("triton", False, False), ("eager", True, True), ("sdpa", False, True)])
 def test_engine_rollout_equals_full_forward_loop(backend, fast, use_sum):
     """Each rollout's own a_0 (row prompt) and its own later actions reach its frames through the projection."""
-    torch.manual_seed(0)
-    wm = init_weights(WorldModel(_cfg(action_cond=True, action_cond_sum=use_sum, attn_backend=backend, n_layer=2)),
-                      std=0.1, seed=3).eval()
-    with torch.no_grad():  # a strong projection, so other actions change the greedy tokens
-        for p in wm.action_proj.parameters():
-            p.mul_(30)
     G, N, T, F = 2, 3, 3, LAY.dynamics_tokens
-    g = torch.Generator().manual_seed(1)
-    shared = torch.cat([torch.randint(LAY.context_offset, LAY.context_offset + LAY.num_codes, (G, LAY.context_tokens),
-                                      generator=g), torch.randint(0, LAY.num_codes, (G, F), generator=g)], 1)
-    bins = torch.randint(0, LAY.num_action_bins, (G * N, T, LAY.action_dim), generator=g) + LAY.action_offset
+    wm, shared, bins = _engine_case(3, G, N, T, attn_backend=backend, action_cond_sum=use_sum)
     ref = _greedy_reference(wm, shared, bins[:, 0], bins[:, 1:], T, F)
     out = wm.rollout(shared, bins[:, 1:], tokens_per_frame=F, num_samples=N, temperature=0, row_prompt_ids=bins[:, 0],
                      cpu_fast=fast)
@@ -151,12 +157,8 @@ def test_engine_rollout_equals_full_forward_loop(backend, fast, use_sum):
 
 
 def test_engine_sampled_rollout_fast_equals_generic():
-    wm = init_weights(WorldModel(_cfg(action_cond=True, attn_backend="eager")), std=0.1, seed=4).eval()
     G, N, T, F = 2, 2, 3, LAY.dynamics_tokens
-    g = torch.Generator().manual_seed(5)
-    shared = torch.cat([torch.randint(LAY.context_offset, LAY.context_offset + LAY.num_codes, (G, LAY.context_tokens),
-                                      generator=g), torch.randint(0, LAY.num_codes, (G, F), generator=g)], 1)
-    bins = torch.randint(0, LAY.num_action_bins, (G * N, T, LAY.action_dim), generator=g) + LAY.action_offset
+    wm, shared, bins = _engine_case(4, G, N, T, proj_scale=1.0, attn_backend="eager")
     run = lambda fast: wm.rollout(shared, bins[:, 1:], tokens_per_frame=F, num_samples=N, top_p=0.9, cpu_fast=fast,
                                   row_prompt_ids=bins[:, 0], return_logprobs=True,
                                   generator=torch.Generator().manual_seed(7))
@@ -167,16 +169,8 @@ def test_engine_sampled_rollout_fast_equals_generic():
 
 @cuda_only()
 def test_engine_cuda_graph_action_cond_equals_full_forward_loop():
-    wm = init_weights(WorldModel(_cfg(action_cond=True, attn_backend="triton", n_layer=2)), std=0.1, seed=3).eval()
-    with torch.no_grad():
-        for p in wm.action_proj.parameters():
-            p.mul_(30)
-    wm = wm.cuda()
     G, N, T, F = 2, 3, 3, LAY.dynamics_tokens
-    g = torch.Generator().manual_seed(1)
-    shared = torch.cat([torch.randint(LAY.context_offset, LAY.context_offset + LAY.num_codes, (G, LAY.context_tokens),
-                                      generator=g), torch.randint(0, LAY.num_codes, (G, F), generator=g)], 1).cuda()
-    bins = (torch.randint(0, LAY.num_action_bins, (G * N, T, LAY.action_dim), generator=g) + LAY.action_offset).cuda()
+    wm, shared, bins = (t.cuda() for t in _engine_case(3, G, N, T, attn_backend="triton"))
     ref = _greedy_reference(wm, shared, bins[:, 0], bins[:, 1:], T, F)
     out = wm.rollout(shared, bins[:, 1:], tokens_per_frame=F, num_samples=N, temperature=0, row_prompt_ids=bins[:, 0],
                      use_cuda_graph=True)

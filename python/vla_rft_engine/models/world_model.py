@@ -188,7 +188,7 @@ _HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_pr
 
 
 def hf_name(ours: str) -> str:
-    if ours.startswith("action_proj."):  # prototype action conditioning (no HF counterpart)
+    if ours.startswith("action_proj."):  # action conditioning (config.action_cond; no HF counterpart)
         return "vla_rft." + ours
     if ours.startswith("layers."):
         _, i, rest = ours.split(".", 2)
