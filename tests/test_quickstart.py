@@ -58,6 +58,37 @@ def test_rerun_resumes_and_redoes_a_missing_stage(run_dir, capsys):
     assert "report: " in out and (run_dir / "results.md").is_file()
 
 
+def test_rft_seeds_in_worker_processes_equal_one_process(run_dir, tmp_path):
+    """The RFT stage's seeds in two spawned one-thread processes give the rewards of one process (to float noise:
+    the thread count changes summation order)."""
+    import torch
+
+    from vla_rft_engine.quickstart import Quickstart
+    cfg = load_config(QuickstartConfig, "smoke", [f"out_dir={run_dir}", *TINY], command="quickstart")
+    rewards = {}
+    for w in (1, 2):
+        cfg.workers = w
+        q = Quickstart(cfg)
+        q.paths["rft"] = tmp_path / f"workers{w}"
+        assert q.rft_workers() == w
+        out = q.stage_rft()
+        assert set(out) == {"seed0", "seed1", "seed2"}
+        rewards[w] = [[json.loads(line)["reward/mean"] for line in open(q.paths["rft"] / f"seed{s}" / "metrics.jsonl")]
+                      for s in cfg.seeds]
+    assert all(len(r) == 2 for r in rewards[2])
+    torch.testing.assert_close(torch.tensor(rewards[2]), torch.tensor(rewards[1]), rtol=1e-3, atol=1e-5)
+    assert rewards[1][0] != rewards[1][1]  # the seeds differ, so a mixed-up order would fail
+
+
+def test_evaluation_in_worker_processes_equals_one_process(run_dir, tmp_path):
+    from vla_rft_engine.evaluation import evaluate_checkpoints
+    ckpts = {"sft": run_dir / "sft" / "ckpt.pt", "rft_seed0": run_dir / "rft" / "seed0" / "ckpt.pt"}
+    res = {w: evaluate_checkpoints(ckpts, "reach", ["none", "all_major"], [0, 1], 2, 777, 64,
+                                   cache=tmp_path / f"eval{w}.json", progress=False, workers=w) for w in (1, 2)}
+    assert len(res[1]) == 2 * 2 + 2  # sft on both seeds, rft_seed0 on its own seed only
+    assert res[2] == res[1]  # same jobs, same order, same per-episode outcomes
+
+
 def test_changed_config_is_refused(run_dir, capsys):
     assert cli.main(["quickstart", f"out_dir={run_dir}", *TINY[:-1], "sft.steps=3"]) == 2
     assert "(sft.steps: 2 before vs 3 now)" in capsys.readouterr().err
@@ -81,7 +112,8 @@ def test_env_options_reach_every_stage(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="gripper_marker"):
         load_config(QuickstartConfig, None, ["gripper_marker=-1"])
     c = load_config(QuickstartConfig, None, [f"out_dir={tmp_path}", "num_demos=2", "wm_demos=1", "wm_train_demos=1",
-                                             "gripper_marker=0.12", "xy_step_scale=2", "progress=false"])
+                                             "gripper_marker=0.12", "xy_step_scale=2", "progress=false",
+                                             "workers=1"])  # the spies below live in this process
     qs = Quickstart(c)
     qs.stage_demos()  # the demos every stage trains on (tokenizer, world model, SFT, RFT start frames) ...
     for k in ("demos", "demos_all", "demos_wm"):

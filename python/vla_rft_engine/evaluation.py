@@ -24,13 +24,13 @@ def policy_fn(policy, seed: int = 0):
 
 def evaluate_checkpoints(ckpts: dict, task: str, settings: list[str], seeds: list[int], episodes: int,
                          eval_seed: int, image_size: int, cache: Path, progress: bool = True,
-                         env_options: dict | None = None) -> list[dict]:
+                         env_options: dict | None = None, workers: int = 1) -> list[dict]:
     """Success rate of each checkpoint on each (setting, seed): `episodes` episodes drawn with env seed
     eval_seed + seed. Checkpoints named rft_seed{s} are evaluated on seed s only (their own seed); every other
     one on all seeds. Results are appended to `cache` (JSON) as they finish, so a killed run resumes.
-    env_options: the table-top env's options (envs.tabletop.ENV_OPTIONS), as the policy was trained on."""
-    from .data.demos import evaluate_policy
-    from .train.sft import load_policy
+    env_options: the table-top env's options (envs.tabletop.ENV_OPTIONS), as the policy was trained on.
+    workers > 1: (setting, seed) jobs in that many spawned one-thread processes (one policy query per step is
+    too small to keep two threads busy)."""
     from .utils import atomic_write_text
     cache = Path(cache)
     done = json.loads(cache.read_text()) if cache.is_file() else []
@@ -41,24 +41,44 @@ def evaluate_checkpoints(ckpts: dict, task: str, settings: list[str], seeds: lis
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), initial=sum(j in have for j in jobs), desc="evaluate", dynamic_ncols=True)
-    loaded: dict = {}
-    for name, st, s in jobs:
-        if (name, st, s) in have:
-            continue
-        if name not in loaded:
-            loaded = {name: load_policy(ckpts[name])}  # one policy in memory at a time
-        r = evaluate_policy(policy_fn(loaded[name]), task, perturbation=None if st == "none" else st,
-                            num_episodes=episodes, seed=eval_seed + s, image_size=image_size, **(env_options or {}))
-        outcomes = [int(e["success"]) for e in r["episodes"]]  # per episode: the bootstrap pairs them
-        done.append({"policy": name, "setting": st, "seed": s, "success_rate": r["success_rate"],
-                     "episodes": episodes, "successes": sum(outcomes), "outcomes": outcomes,
-                     "eval_seed": eval_seed})
-        atomic_write_text(cache, json.dumps(done, indent=1))
-        if bar is not None:
-            bar.update(1)
+    todo = [(name, str(ckpts[name]), task, st, s, episodes, eval_seed, image_size, env_options or {})
+            for name, st, s in jobs if (name, st, s) not in have]
+    pool = None
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        for name, st, s, outcomes in (pool.imap(_eval_job, todo) if pool else map(_eval_job, todo)):
+            done.append({"policy": name, "setting": st, "seed": s, "success_rate": float(np.mean(outcomes)),
+                         "episodes": episodes, "successes": sum(outcomes), "outcomes": outcomes,
+                         "eval_seed": eval_seed})
+            atomic_write_text(cache, json.dumps(done, indent=1))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    _POLICY.clear()
     if bar is not None:
         bar.close()
     return done
+
+
+_POLICY: dict = {}  # this process's loaded checkpoint: one policy in memory at a time
+
+
+def _eval_job(job: tuple) -> tuple:
+    """One (checkpoint, setting, seed) evaluation -> (name, setting, seed, per-episode outcomes)."""
+    from .data.demos import evaluate_policy
+    from .train.sft import load_policy
+    name, ckpt, task, st, s, episodes, eval_seed, image_size, env_options = job
+    if ckpt not in _POLICY:
+        _POLICY.clear()
+        _POLICY[ckpt] = load_policy(ckpt)
+    r = evaluate_policy(policy_fn(_POLICY[ckpt]), task, perturbation=None if st == "none" else st,
+                        num_episodes=episodes, seed=eval_seed + s, image_size=image_size, **env_options)
+    return name, st, s, [int(e["success"]) for e in r["episodes"]]  # per episode: the bootstrap pairs them
 
 
 def success_table(records: list[dict], settings: list[str], seeds: list[int]) -> dict:

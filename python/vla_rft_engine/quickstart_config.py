@@ -39,14 +39,15 @@ def _sft() -> SFTConfig:
 
 
 def _rft() -> RFTConfig:
-    r = RFTConfig(ckpt_every=5, image_every=5, states_per_block=8)  # one WM call per step: batched rows
+    r = RFTConfig(ckpt_every=5, image_every=5, states_per_block=4)  # one WM call per step: batched rows
     # Chosen on the validation episodes (eval_seed=50000). Greedy world model: at temperature 1 its sampling
     # noise (reward std 0.0074 over re-samples of one chunk) matched the in-group std (0.0087) and the reward
     # ranked chunks at random (Spearman -0.01); greedy, the noise is 0. Sigma restarted at 0.1 so the group's
-    # chunks differ; lrs as the R1 control found (1e-4 on the action head hurt, 3e-5 too). 8 start states per
-    # step (+1.3 points on validation) over 4 (+0.7) or 60 steps (+0.7); every interval held 0
+    # chunks differ; lrs as the R1 control found (1e-4 on the action head hurt, 3e-5 too). 4 start states per
+    # step (+0.7 points on validation, [-1.7, +3.0]): 8 (+1.3, [-1.7, +4.3]) is not distinguishable from it and
+    # doubles this stage, which the 20-minute default cannot afford (bench/results/wm_action_sensitivity_cpu.json)
     r.wm_temperature, r.sigma_init = 0.0, 0.1
-    r.grpo.steps, r.grpo.task_instances, r.grpo.rollouts, r.grpo.warmup_steps = 30, 8, 8, 2
+    r.grpo.steps, r.grpo.task_instances, r.grpo.rollouts, r.grpo.warmup_steps = 30, 4, 8, 2
     r.grpo.lr, r.grpo.sigma_lr = 1e-5, 1e-4
     r.reward.allow_l1_only_fallback = True  # LPIPS backbone weights are rarely on a fresh laptop
     return r
@@ -78,6 +79,8 @@ class QuickstartConfig:
                                        # on the validation range eval_seed=50_000, never on this one
     progress: bool = True
     device: str = "auto"
+    workers: int = 0                   # processes for the RFT seeds and the evaluation; 0: automatic (RFT: on a CPU one
+                                       # per seed up to 2x the cores, on a GPU 1; evaluation: the cores, up to 8)
     tokenizer: TokenizerTrainConfig = field(default_factory=_tokenizer)
     world_model: WMTrainConfig = field(default_factory=_world_model)
     sft: SFTConfig = field(default_factory=_sft)
@@ -122,5 +125,7 @@ class QuickstartConfig:
             raise ConfigError(str(e)) from None
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0: automatic), got {self.workers}")
         if self.num_demos < 2 or self.wm_demos < 0 or self.wm_train_demos < 0 or self.eval_episodes < 1:
             raise ConfigError("num_demos must be >= 2, wm_demos and wm_train_demos >= 0, eval_episodes >= 1")
