@@ -59,8 +59,8 @@ def test_rerun_resumes_and_redoes_a_missing_stage(run_dir, capsys):
 
 
 def test_rft_seeds_in_worker_processes_equal_one_process(run_dir, tmp_path):
-    """The RFT stage's seeds in two spawned one-thread processes give the rewards of one process (to float noise:
-    the thread count changes summation order)."""
+    """The RFT stage's seeds in two spawned processes give the rewards of one process (to float noise: the thread
+    count changes the summation order)."""
     import torch
 
     from vla_rft_engine.quickstart import Quickstart

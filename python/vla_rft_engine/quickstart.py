@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 
@@ -119,8 +121,6 @@ class Quickstart:
         """Processes for the RFT seeds. On the CPU one per seed, up to twice the cores: the decode steps are too
         small to keep two threads busy (3 seeds on 2 cores: 3 one-thread processes took 120 s where one
         two-thread process took 153 s, and 2 processes 144 s). On a GPU one."""
-        import os
-
         import torch
         cpu = self.cfg.device == "cpu" or (self.cfg.device == "auto" and not torch.cuda.is_available())
         w = self.cfg.workers or (min(len(self.cfg.seeds), 2 * (os.cpu_count() or 1)) if cpu else 1)
@@ -131,8 +131,6 @@ class Quickstart:
         if workers == 1:
             rewards = [_rft_rewards(c) for c in cfgs]
         else:
-            import multiprocessing as mp
-            import os
             threads = max(1, (os.cpu_count() or 1) // workers)
             for c in cfgs[1:]:
                 c.progress = False  # one bar: the first seed's
@@ -150,7 +148,6 @@ class Quickstart:
         c = self.cfg
         ckpts = {"sft": self.paths["sft"] / "ckpt.pt"}
         ckpts.update({f"rft_seed{s}": self.paths["rft"] / f"seed{s}" / "ckpt.pt" for s in c.seeds})
-        import os
         res = evaluate_checkpoints(ckpts, c.task, c.settings, c.seeds, c.eval_episodes, c.eval_seed, c.image_size,
                                    cache=self.paths["eval"], progress=c.progress, env_options=c.env_options(),
                                    workers=c.workers or min(8, os.cpu_count() or 1))  # the policies run on the CPU
