@@ -106,6 +106,21 @@ def test_chunked_features_equal_one_pass(seed, use_sum):
         torch.testing.assert_close(torch.cat([f for f, _ in parts], 1)[on], feat[on], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("use_sum", [False, True])
+def test_embed_token_by_token_equals_one_pass(use_sum):
+    """The engine feeds embed one token at a time after the prompt; on the CPU a frame token reuses the carried
+    projection instead of re-deriving it. Each step's embedding equals the one-pass embedding of the sequence."""
+    import types
+    g = torch.Generator().manual_seed(5)
+    wm = init_weights(WorldModel(_cfg(action_cond=True, action_cond_sum=use_sum)), std=0.1, seed=5).eval()
+    ids = torch.cat([_segment(g)[0] for _ in range(2)], 0)
+    with torch.no_grad():
+        ref = wm.embed(ids)
+        cache = types.SimpleNamespace()
+        parts = [wm.embed(ids[:, :6], cache)] + [wm.embed(ids[:, i:i + 1], cache) for i in range(6, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(parts, 1), ref, atol=1e-6, rtol=0)
+
+
 def _greedy_reference(wm, shared, rows, acts, T, F):
     """Full causal forward over the whole sequence for every token: no cache, no carry."""
     N = rows.shape[0] // shared.shape[0]

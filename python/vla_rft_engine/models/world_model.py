@@ -254,17 +254,29 @@ class WorldModel(nn.Module):
         With a cache (the rollout engine's), the features carry over chunks in `cache.action_carry`, in place once
         it exists (so a captured CUDA graph replays it); its rows are the cache's current rows."""
         x = self.tok_embeddings(ids)
-        if self.action_proj is not None:
-            carry = getattr(cache, "action_carry", None)
-            feat, on, new = action_features(ids, self.config, carry)
-            if cache is not None:
-                if carry is None:
-                    cache.action_carry = new
-                else:
-                    for c, n in zip(carry, new):
-                        c.copy_(n)
-            x = x + self.action_proj(feat.to(x.dtype)) * on[..., None].to(x.dtype)
-        return x
+        if self.action_proj is None:
+            return x
+        carry = getattr(cache, "action_carry", None)  # (last A ids, features, has, their projection (B, dim))
+        if carry is not None and ids.device.type == "cpu" and ids.shape[1] == 1 and not self._is_action(ids).any():
+            # one frame token, checked on the host for free: it keeps the carried features, so their projection is
+            # reused instead of re-deriving both every decode step (~35 small ops: 10-17% of a CPU rollout)
+            tail, _, has, proj = carry
+            tail.copy_(torch.cat([tail[:, 1:], ids], 1))
+            return x + (proj * has[:, None].to(x.dtype))[:, None]
+        feat, on, new = action_features(ids, self.config, None if carry is None else carry[:3])
+        proj = self.action_proj(feat.to(x.dtype))
+        if cache is not None:
+            new = (*new, proj[:, -1])
+            if carry is None:
+                cache.action_carry = new
+            else:
+                for c, n in zip(carry, new):
+                    c.copy_(n)
+        return x + proj * on[..., None].to(x.dtype)
+
+    def _is_action(self, ids: torch.Tensor) -> torch.Tensor:
+        a0 = 2 * self.config.num_codes
+        return (ids >= a0) & (ids < self.config.vocab_size - 2)
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward (training / scoring): (B, L) -> logits (B, L, V)."""
