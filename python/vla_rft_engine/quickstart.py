@@ -1,6 +1,6 @@
 """`vla-rft quickstart`: the whole method on the built-in task, laptop-sized, resumable.
 
-    vla-rft quickstart                                  # ~15 min on 2 CPU cores, writes runs/quickstart/
+    vla-rft quickstart                                  # ~20 min on 2 CPU cores, writes runs/quickstart/
     vla-rft quickstart rft.grpo.steps=40 seeds=[0,1,2,3] eval_episodes=50
 
 Stages (each skipped when already done, each also resumable inside; every stage is its own subcommand):
@@ -9,7 +9,7 @@ Stages (each skipped when already done, each also resumable inside; every stage 
   tokenizer    vla-rft pretrain-tokenizer on all demo frames
   world_model  vla-rft pretrain-wm on `wm_train_demos` episodes whose goal is re-drawn every step, tokenized
   sft          vla-rft sft on the clean demos
-  rft          vla-rft rft (R3 reward) from the SFT checkpoint, once per seed
+  rft          vla-rft rft (R3 reward) from the SFT checkpoint, once per seed (side by side on a CPU: `workers`)
   evaluate     SFT and RFT policies in the real environment (not the world model): standard + perturbed
                settings, `eval_episodes` per (setting, seed); episodes never replay a training layout
   report       results.json, results.md (Tables 2-3 form), reward_curve.png, wm_rollout.png (world model
