@@ -21,4 +21,3 @@ def _seed():
 
 def cuda_only():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-

@@ -113,12 +113,16 @@ def test_embed_token_by_token_equals_one_pass(use_sum):
     import types
     g = torch.Generator().manual_seed(5)
     wm = init_weights(WorldModel(_cfg(action_cond=True, action_cond_sum=use_sum)), std=0.1, seed=5).eval()
-    ids = torch.cat([_segment(g)[0] for _ in range(2)], 0)
-    with torch.no_grad():
-        ref = wm.embed(ids)
-        cache = types.SimpleNamespace()
-        parts = [wm.embed(ids[:, :6], cache)] + [wm.embed(ids[:, i:i + 1], cache) for i in range(6, ids.shape[1])]
-    torch.testing.assert_close(torch.cat(parts, 1), ref, atol=1e-6, rtol=0)
+    seg = torch.cat([_segment(g)[0] for _ in range(2)], 0)
+    runs = torch.randint(0, 2, (2, 60), generator=g).bool()  # action runs of any length, ragged ones too
+    noise = torch.where(runs, torch.randint(LAY.action_offset, LAY.action_offset + LAY.num_action_bins, (2, 60),
+                                            generator=g), torch.randint(0, 2 * LAY.num_codes, (2, 60), generator=g))
+    for ids in (seg, noise):
+        with torch.no_grad():
+            ref = wm.embed(ids)
+            cache = types.SimpleNamespace()
+            parts = [wm.embed(ids[:, :6], cache)] + [wm.embed(ids[:, i:i + 1], cache) for i in range(6, ids.shape[1])]
+        torch.testing.assert_close(torch.cat(parts, 1), ref, atol=1e-6, rtol=0)
 
 
 def _greedy_reference(wm, shared, rows, acts, T, F):

@@ -256,27 +256,25 @@ class WorldModel(nn.Module):
         x = self.tok_embeddings(ids)
         if self.action_proj is None:
             return x
-        carry = getattr(cache, "action_carry", None)  # (last A ids, features, has, their projection (B, dim))
-        if carry is not None and ids.device.type == "cpu" and ids.shape[1] == 1 and not self._is_action(ids).any():
+        # carry: (last A ids, features, has, the features' projection where a block has ended (B, dim), else 0)
+        carry = getattr(cache, "action_carry", None)
+        if (carry is not None and ids.device.type == "cpu" and ids.shape[1] == 1
+                and not is_action_id(ids, self.config).any()):
             # one frame token, checked on the host for free: it keeps the carried features, so their projection is
             # reused instead of re-deriving both every decode step (~35 small ops: 10-17% of a CPU rollout)
-            tail, _, has, proj = carry
+            tail, on_proj = carry[0], carry[3]
             tail.copy_(torch.cat([tail[:, 1:], ids], 1))
-            return x + (proj * has[:, None].to(x.dtype))[:, None]
+            return x + on_proj[:, None]
         feat, on, new = action_features(ids, self.config, None if carry is None else carry[:3])
         proj = self.action_proj(feat.to(x.dtype))
         if cache is not None:
-            new = (*new, proj[:, -1])
+            new = (*new, proj[:, -1] * new[2][:, None].to(x.dtype))
             if carry is None:
                 cache.action_carry = new
             else:
                 for c, n in zip(carry, new):
                     c.copy_(n)
         return x + proj * on[..., None].to(x.dtype)
-
-    def _is_action(self, ids: torch.Tensor) -> torch.Tensor:
-        a0 = 2 * self.config.num_codes
-        return (ids >= a0) & (ids < self.config.vocab_size - 2)
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward (training / scoring): (B, L) -> logits (B, L, V)."""
@@ -357,6 +355,11 @@ class WorldModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def is_action_id(ids: torch.Tensor, cfg: WorldModelConfig) -> torch.Tensor:
+    """Where ids are action bins: the ids after the 2 * num_codes code ids, before the last two special ids."""
+    return (ids >= 2 * cfg.num_codes) & (ids < cfg.vocab_size - 2)
+
+
 def action_features(ids: torch.Tensor, cfg: WorldModelConfig, carry: tuple | None = None):
     """Causal per-position action features for config.action_cond. ids (B, L) -> (feat (B, L, A) in [-1, 1],
     on (B, L) bool, carry): at position i, the bin values of the last complete block of A action ids ending at or
@@ -375,7 +378,7 @@ def action_features(ids: torch.Tensor, cfg: WorldModelConfig, carry: tuple | Non
                                                                                            device=ids.device))
     tail, c_feat, c_has = carry
     ext = torch.cat([tail, ids], 1)  # (B, A + L): chunk position i is ext index A + i
-    is_act = (ext >= a0) & (ext < a0 + nb)
+    is_act = is_action_id(ext, cfg)
     vals = torch.where(is_act, (ext - a0).float().add(0.5).div(nb).mul(2).sub(1), torch.zeros((), device=ids.device))
     win = vals.unfold(1, A, 1)[:, 1:]  # (B, L, A): values at i-A+1 .. i
     full = is_act.unfold(1, A + 1, 1)  # (B, L, A+1): flags at i-A .. i
