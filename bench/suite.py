@@ -28,12 +28,13 @@ from bench.common import device_name  # noqa: E402
 BENCHES = {
     "wm_rollout": ([], ["--groups", "1", "--samples", "4", "--frames", "2", "--baseline-repeats", "1"]),
     "grpo_step": ([], ["--repeats", "2"]),
+    "wm_action_cond": ([], ["--repeats", "3"]),
     "sde_sampling": ([], ["--repeats", "5"]),
     "vq_decode": ([], ["--quick"]),
     "rewards": (["--hw", "256"], ["--repeats", "2"]),
     "policy_latency": ([], ["--repeats", "20", "--no-compile", "--server-requests", "50"]),
 }
-KEYS = ("speedup", "ratio", "roofline_fraction", "rollouts_per_s")  # what the table shows, by key substring
+KEYS = ("speedup", "ratio", "roofline_fraction", "rollouts_per_s", "overhead")  # what the table shows, by key substring
 
 
 def flat(d: dict, prefix: str = "") -> dict:

@@ -37,6 +37,18 @@ def test_grpo_step_bench_reports_phases(capsys):
     assert rec["wm_attn_backend"] == "auto -> sdpa"
 
 
+def test_wm_action_cond_bench_compares_to_the_tokens_only_model(capsys):
+    from bench import wm_action_cond
+    assert wm_action_cond.main(["--groups", "1", "--samples", "2", "--frames", "2", "--prompt-len", "30",
+                                "--tokens-per-frame", "4", "--repeats", "2"]) == 0
+    rec = _record(capsys)
+    assert set(rec["sides"]) == {"action_cond", "tokens_only"} and rec["vocab_size"] == 738
+    for side in rec["sides"].values():
+        assert len(side["times_s"]) == 2 and side["median_s"] > 0 and side["what"]
+    assert rec["overhead_vs_tokens_only"] == pytest.approx(rec["sides"]["action_cond"]["median_s"]
+                                                           / rec["sides"]["tokens_only"]["median_s"])
+
+
 def test_suite_table_picks_ratios():
     from bench.suite import headline
     rec = {"speedup_vs": {"hf_kv_cached": 3.2}, "sides": {"ours": {"rollouts_per_s": 10.0, "median_s": 1.0}},

@@ -261,7 +261,8 @@ class WorldModel(nn.Module):
         if (carry is not None and ids.device.type == "cpu" and ids.shape[1] == 1
                 and not is_action_id(ids, self.config).any()):
             # one frame token, checked on the host for free: it keeps the carried features, so their projection is
-            # reused instead of re-deriving both every decode step (~35 small ops: 10-17% of a CPU rollout)
+            # reused instead of re-deriving both every decode step (~35 small ops: +15% on a CPU rollout, see
+            # bench/results/wm_action_cond_cpu.json)
             tail, on_proj = carry[0], carry[3]
             tail.copy_(torch.cat([tail[:, 1:], ids], 1))
             return x + on_proj[:, None]
