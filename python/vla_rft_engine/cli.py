@@ -13,6 +13,7 @@ import os
 import sys
 
 from .commands import COMMANDS, CONFIGS
+from .config import print_config_help, split_args
 
 
 def usage() -> str:
@@ -80,48 +81,6 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in msg:
         msg = f"{msg}: {e.filename}"
     return " ".join(msg.split())
-
-
-def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
-    """-> (--config's file path or preset name, key=value overrides, whether --help was asked)."""
-    cfg, over, want_help = None, [], False
-    it = iter(argv)
-    for a in it:
-        if a in ("-h", "--help"):
-            want_help = True
-        elif a == "--config":
-            cfg = next(it, None)
-        elif a.startswith("--config="):
-            cfg = a.split("=", 1)[1]
-        else:
-            over.append(a)
-    return cfg, over, want_help
-
-
-def parse_command(cmd: str, cls, argv: list[str] | None):
-    """A command's config from `--config FILE.yaml | PRESET` and key=value overrides; None after printing --help
-    (with --config, the help shows the file's values as the defaults)."""
-    from .config import load_config
-    path, over, want_help = split_args(list(argv or []))
-    if want_help:
-        print_config_help(cmd, cls() if path is None else load_config(cls, path, command=cmd))
-        return None
-    return load_config(cls, path, over, command=cmd)
-
-
-def print_config_help(cmd: str, cfg) -> None:
-    """Every key with its default and description; keys the command fills in itself are marked."""
-    import json
-    from .config import describe_keys
-    owned = set(getattr(cfg, "SET_BY_COMMAND", ()))
-    rows = describe_keys(cfg)
-    w = min(max(len(k) + len(str(v)) for k, v, _ in rows) + 4, 60)
-    print(f"usage: vla-rft {cmd} [--config FILE.yaml | PRESET] [key=value ...]\n\n{COMMANDS[cmd][1]}\n\nkeys (default):")
-    for k, v, doc in rows:
-        if k in owned:
-            doc = f"[set by {cmd}] " + doc
-        shown = (v or '""') if isinstance(v, str) else json.dumps(v, default=str)  # as typed on the command line
-        print(f"  {k + '=' + shown:<{w}} {doc}".rstrip())
 
 
 if __name__ == "__main__":

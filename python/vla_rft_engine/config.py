@@ -16,6 +16,8 @@ from typing import Any, Iterable, TypeVar
 
 import yaml
 
+from .commands import COMMANDS
+
 WRAPS = ("ddp", "fsdp2")  # multi-process wrappers of a trainable model (distributed.wrap)
 T = TypeVar("T")
 
@@ -273,3 +275,44 @@ def from_dict(cls: type[T], data: dict) -> T:
     for k, v in data.items():
         set_key(cfg, k, v)
     return cfg
+
+
+# --- a command's arguments: `--config FILE.yaml | PRESET`, key=value overrides, --help (every command module's
+# main(argv) parses with these; cli.py only dispatches) ---
+def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """-> (--config's file path or preset name, key=value overrides, whether --help was asked)."""
+    cfg, over, want_help = None, [], False
+    it = iter(argv)
+    for a in it:
+        if a in ("-h", "--help"):
+            want_help = True
+        elif a == "--config":
+            cfg = next(it, None)
+        elif a.startswith("--config="):
+            cfg = a.split("=", 1)[1]
+        else:
+            over.append(a)
+    return cfg, over, want_help
+
+
+def parse_command(cmd: str, cls, argv: list[str] | None):
+    """A command's config from `--config FILE.yaml | PRESET` and key=value overrides; None after printing --help
+    (with --config, the help shows the file's values as the defaults)."""
+    path, over, want_help = split_args(list(argv or []))
+    if want_help:
+        print_config_help(cmd, cls() if path is None else load_config(cls, path, command=cmd))
+        return None
+    return load_config(cls, path, over, command=cmd)
+
+
+def print_config_help(cmd: str, cfg) -> None:
+    """Every key with its default and description; keys the command fills in itself are marked."""
+    owned = set(getattr(cfg, "SET_BY_COMMAND", ()))
+    rows = describe_keys(cfg)
+    w = min(max(len(k) + len(str(v)) for k, v, _ in rows) + 4, 60)
+    print(f"usage: vla-rft {cmd} [--config FILE.yaml | PRESET] [key=value ...]\n\n{COMMANDS[cmd][1]}\n\nkeys (default):")
+    for k, v, doc in rows:
+        if k in owned:
+            doc = f"[set by {cmd}] " + doc
+        shown = (v or '""') if isinstance(v, str) else json.dumps(v, default=str)  # as typed on the command line
+        print(f"  {k + '=' + shown:<{w}} {doc}".rstrip())

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import parse_command
-from .config import ConfigError, UserError, to_dict
+from .config import ConfigError, UserError, parse_command, to_dict
 from .eval_config import EvalConfig
 
 SUITE_COLUMNS = {"libero_spatial": "Spatial", "libero_object": "Object", "libero_goal": "Goal", "libero_10": "Long"}

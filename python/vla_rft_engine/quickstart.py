@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import parse_command
-from .config import check_resume_config, save_config, to_dict
+from .config import check_resume_config, parse_command, save_config, to_dict
 from .quickstart_config import QuickstartConfig
 from .rl.rft_config import RFTConfig
 from .utils import RunDirLock, atomic_write_text

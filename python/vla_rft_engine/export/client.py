@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cli import parse_command
-from ..config import ConfigError, UserError
+from ..config import ConfigError, UserError, parse_command
 from .protocol import encode_array
 
 

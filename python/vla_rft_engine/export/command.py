@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import parse_command
-from ..config import ConfigError, UserError
+from ..config import ConfigError, UserError, parse_command
 
 
 @dataclass

@@ -32,8 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-from ..cli import parse_command
-from ..config import ConfigError, UserError
+from ..config import ConfigError, UserError, parse_command
 from .protocol import BadRequest, parse_act_request
 from .runtime import BACKENDS
 

@@ -37,8 +37,7 @@ from typing import Any, cast
 import torch
 import torch.nn as nn
 
-from ..cli import parse_command
-from ..config import ConfigError, Diverged, UserError, save_config, to_dict
+from ..config import ConfigError, Diverged, UserError, parse_command, save_config, to_dict
 from ..metrics import spearman
 from ..utils import RunLogger, atomic_save, load_checkpoint, nvtx_range
 from .. import distributed as du

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from .. import distributed as du
-from ..cli import parse_command
-from ..config import ConfigError, check_resume_config, from_dict, save_config, to_dict
+from ..config import ConfigError, check_resume_config, from_dict, parse_command, save_config, to_dict
 from ..models.policy import VLAPolicy
 from ..models.policy_config import FLOW_TAU, PolicyConfig
 from .sft_config import SFTConfig

@@ -243,7 +243,7 @@ def _train(cfg: TokenizerTrainConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from ..cli import parse_command
+    from ..config import parse_command
     cfg = parse_command("pretrain-tokenizer", TokenizerTrainConfig, argv)
     if cfg is None:
         return 0

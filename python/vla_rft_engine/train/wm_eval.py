@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import parse_command
+from ..config import parse_command
 from .wm_eval_config import WMEvalConfig
 
 

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as du
-from ..cli import parse_command
-from ..config import ConfigError, check_resume_config, save_config, to_dict
+from ..config import ConfigError, check_resume_config, parse_command, save_config, to_dict
 from ..data.segments import load_segments
 from ..layout import ActionDiscretizer, TokenLayout
 from ..models.world_model import WorldModel, WorldModelConfig, init_weights
