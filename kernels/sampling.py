@@ -45,7 +45,8 @@ def sample_reference(logits, noise, temperature: float, top_k: int = 0, top_p: f
 def sample_cpu(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0, logprob: bool = True):
     """sample_reference's result without its full argsort (the CPU decode loop's main cost at V=4375).
 
-    The sorted VALUES of p do not depend on how a sort orders ties, so a value sort plus torch's cumsum
+    Most rows need no sort at all (_nucleus_argmax): the Gumbel-max winner over all V is checked against the
+    top-p set by the mass above it. The rest are cut by sorted values: a value sort plus torch's cumsum
     reproduce the reference's per-position drop mask bit for bit; the kept set is then p >= the smallest kept
     value. Only the values above 1/V are sorted when they hold the cut (_head_cut), else all of them. Where
     the cut could differ from the reference (a tie straddling it, a drop mask that is not a prefix,
@@ -60,14 +61,51 @@ def sample_cpu(logits, noise, temperature: float, top_k: int = 0, top_p: float =
         kth = z.topk(top_k, dim=-1).values[:, -1:]
         s = s.masked_fill(z < kth, float("-inf"))
     p = s.softmax(-1)
+    score = s + noise.float()
+    tok, done = _nucleus_argmax(p, score, top_p)
+    rest = (~done).nonzero()[:, 0]
+    if len(rest):
+        tok[rest] = _sorted_cut_argmax(logits[rest], p[rest], score[rest], noise[rest], temperature, top_k, top_p)
+    return tok, (z.log_softmax(-1).gather(1, tok[:, None])[:, 0] if logprob else None)
+
+
+def _nucleus_argmax(p, score, top_p: float, rounds: int = 16):
+    """The reference's token per row, without a sort, where it is certain -> (token (B,), certain (B,) bool).
+
+    The winner t of argmax(score) over the values left is the reference's token if t is in the top-p set.
+    t is in it when the mass strictly above p_t, plus its ties, is below top_p; it is out when that mass
+    reaches top_p, and so is every value <= p_t, which are then dropped before the next round. Either
+    verdict must hold by more than the rounding of the reference's fp32 cumsum and of this fp32 sum, each
+    at most V * 2^-24 over V values summing to 1 (margin: twice that). Rows with no certain verdict (a winner
+    within that margin of the cut, non-finite values, or `rounds` rounds used) are left to the sorted cut."""
+    B, V = p.shape
+    tok = score.argmax(-1)
+    done = torch.zeros(B, dtype=torch.bool)
+    tol = V * 2.0 ** -22
+    rows, pr, sr, t = torch.arange(B), p, score, tok
+    for _ in range(rounds):
+        pt = pr.gather(1, t[:, None])
+        above = pr.masked_fill(pr <= pt, 0.0).sum(-1)  # NaN p: NaN mass, neither verdict
+        ties = (pr == pt).sum(-1) - 1  # tokens of the same value may come first in the reference's sort
+        keep = (above + ties * pt[:, 0]) < top_p - tol
+        out = above >= top_p + tol
+        tok[rows[keep]] = t[keep]
+        done[rows[keep]] = True
+        if not bool(out.any()):
+            break
+        rows, pr, pt = rows[out], pr[out], pt[out]
+        sr = score[rows].masked_fill_(pr <= pt, float("-inf"))
+        t = sr.argmax(-1)
+    return tok, done
+
+
+def _sorted_cut_argmax(logits, p, score, noise, temperature: float, top_k: int, top_p: float):
     cut = _head_cut(p.numpy(), top_p)
     if cut is None:
         cut = _full_cut(p.numpy(), top_p)
     if cut is None:
-        tok, lp = sample_reference(logits, noise, temperature, top_k, top_p)
-        return tok, (lp if logprob else None)
-    tok = (s + noise.float()).masked_fill_(p < cut, float("-inf")).argmax(-1)
-    return tok, (z.log_softmax(-1).gather(1, tok[:, None])[:, 0] if logprob else None)
+        return sample_reference(logits, noise, temperature, top_k, top_p)[0]
+    return score.masked_fill(p < cut, float("-inf")).argmax(-1)
 
 
 def _cut_of(ps: torch.Tensor, top_p: float, real: torch.Tensor | None = None):

@@ -102,3 +102,49 @@ def test_cpu_sampler_head_cut_declines_when_unsure():
     p[:, 4:] = 0.1 / 96
     assert _head_cut(p.numpy(), 0.5) is not None
     assert _head_cut(p.numpy(), 0.9) is None  # the head's mass does not exceed top_p by more than rounding
+
+
+@pytest.mark.parametrize("scale,top_p", [(0.05, 0.8), (0.3, 0.3), (1.0, 0.8), (4.0, 0.95), (8.0, 0.5)])
+def test_cpu_sampler_nucleus_check_needs_no_sort(scale, top_p):
+    """The Gumbel-max winner checked against the top-p set by the mass above it: certain for nearly every row
+    of flat (random-init) and peaked (trained) rows alike, winners outside the set taking further rounds
+    (top_p 0.3 on flat rows: most first winners are out), and always the reference's token."""
+    from vla_rft_engine.kernels.sampling import _nucleus_argmax
+    g = torch.Generator().manual_seed(int(scale * 100 + top_p * 10))
+    logits = torch.randn(64, 4375, generator=g) * scale
+    noise = gumbel_noise(logits.shape, generator=g)
+    p = logits.softmax(-1)
+    tok, done = _nucleus_argmax(p, logits + noise, top_p)
+    assert done.float().mean() > 0.9
+    rtok, _ = sample_reference(logits, noise, 1.0, 0, top_p)
+    assert torch.equal(tok[done], rtok[done])
+    first = (logits + noise).argmax(-1)
+    if scale <= 0.3 and top_p <= 0.3:
+        assert (first != rtok).float().mean() > 0.5  # the drop rounds did the work
+
+
+def test_cpu_sampler_nucleus_check_leaves_the_margin_to_the_sort():
+    """A winner whose mass above lies within the rounding margin of top_p, or NaN values: no verdict."""
+    from vla_rft_engine.kernels.sampling import _nucleus_argmax, sample_cpu
+    V = 1000
+    p = torch.full((3, V), 1.0 / V, dtype=torch.float64)
+    p[:, :500] += torch.linspace(2e-5, 1e-5, 500, dtype=torch.float64)  # distinct, descending: no ties
+    p[:, 500:] -= torch.linspace(1e-5, 2e-5, 500, dtype=torch.float64)
+    p = (p / p.sum(-1, keepdim=True)).float()
+    score = torch.full((3, V), -1e9)
+    score[:, 300] = 0.0  # the winner: mass strictly above it = p[:, :300].sum()
+    mass = float(p[0, :300].double().sum())
+    tol = V * 2.0 ** -22
+    top_ps = torch.tensor([mass + tol / 2, mass - 3 * tol, mass + 3 * tol])
+    for i, tp in enumerate(top_ps.tolist()):  # within the margin: none; certainly out: the next winner; in: 300
+        tok, done = _nucleus_argmax(p[i:i + 1], score[i:i + 1], tp)
+        assert bool(done[0]) == (i != 0)
+        if i:
+            ref = sample_reference(p[i:i + 1].log(), score[i:i + 1] - p[i:i + 1].log(), 1.0, 0, tp)[0]
+            assert int(tok[0]) == int(ref[0]) == (300 if i == 2 else 0)
+    logits = torch.randn(2, 50)
+    logits[1, 7] = float("nan")
+    tok, done = _nucleus_argmax(logits.softmax(-1), logits, 0.8)
+    assert not bool(done[1])
+    noise = gumbel_noise((2, 50), generator=torch.Generator().manual_seed(0))
+    assert int(sample_cpu(logits, noise, 1.0, 0, 0.8)[0][0]) == int(sample_reference(logits, noise, 1.0, 0, 0.8)[0][0])
