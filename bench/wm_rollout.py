@@ -21,7 +21,8 @@ Defaults by device (each has a flag):
   CUDA paper preset, bf16, 16 start states x 17 rollouts, 8 frames, 1095-token prompt (1088 shared + 7 own).
 Warm-up: one 1-frame rollout per side outside the timed region. Then the sides alternate per repeat, so a load
 change on a shared machine hits all of them. Rollouts/s counts one (start state, sample) rollout of `frames`
-frames. On CUDA the record gives the decode steps' fraction of the HBM roofline: (weight bytes + KV bytes read
+frames. On the CPU the record gives decode_floor: the step's lower bound from this core's measured GEMM rate
+(weights) and stream-read rate (K/V bytes), against the measured step. On CUDA the record gives the decode steps' fraction of the HBM roofline: (weight bytes + KV bytes read
 per step) / step time / peak bandwidth (peak from a table by device name, or --peak-gbps).
 """
 from __future__ import annotations
@@ -77,6 +78,25 @@ def roofline(wm, cfg, G, N, P, T, Fr, dtype, dev, t_ours, repeats, peak):
     b = w_bytes + kv_prefix + kv_suffix_avg
     return {"prefill_s": t_pre, "step_s": step_s, "bytes_per_step": b, "peak_gbps": peak,
             "achieved_gbps": b / step_s / 1e9, "roofline_fraction": (b / step_s / 1e9 / peak) if peak else None}
+
+
+def cpu_floor(wm, cfg, G, N, P, T, Fr, t_step):
+    """A CPU decode step's lower bound from two measurements on this core: the weight matmuls at the measured
+    GEMM rate (M = B rows; compute-bound at this size) plus the K/V bytes at the measured stream-read rate
+    (the suffix K/V of 8 frames is ~80 MB per step at the CPU shape, far past any cache)."""
+    B = G * N
+    x, w = torch.randn(B, cfg.dim), torch.randn(cfg.intermediate_size, cfg.dim)
+    gemm = time_fn(lambda: torch.mm(x, w.t()), repeats=50, warmup=5)["median_s"]
+    gflops = 2 * B * cfg.dim * cfg.intermediate_size / gemm / 1e9
+    big = torch.ones(64 * 2 ** 20)  # 256 MB
+    read_gbps = big.numel() * 4 / time_fn(big.sum, repeats=5, warmup=1)["median_s"] / 1e9
+    flops = 2 * B * (wm.num_params() - wm.tok_embeddings.weight.numel() - wm.output.weight.numel()
+                     + cfg.num_codes * cfg.dim)  # layers + the head over dynamics codes
+    kv = cfg.n_layer * cfg.n_kv_head * cfg.head_dim * 2 * 4 * (G * P + B * T * (Fr + 7) / 2)  # prefix once per group
+    floor = flops / gflops / 1e9 + kv / read_gbps / 1e9
+    return {"gemm_gflops": gflops, "stream_read_gbps": read_gbps, "weight_flops_per_step": flops,
+            "kv_bytes_per_step": kv, "floor_step_s": floor, "measured_step_s": t_step,
+            "floor_fraction": floor / t_step}
 
 
 def main(argv=None) -> int:
@@ -206,6 +226,10 @@ def main(argv=None) -> int:
            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if a.repeats < 3 or len(times["hf_generate_per_frame"]) < 3:
         rec["repeats_note"] = "fewer than 3 repeats where --repeats/--budget-s capped them (each run is minutes on a CPU)"
+    if not cuda:  # per sampled token: the whole rollout but its prefill
+        ours = res["ours"]
+        rec["decode_floor"] = cpu_floor(wm, cfg, G, N, P, T, Fr, (ours["median_s"] - ours["phases_s"].get("prefill_s", 0))
+                                        / (T * Fr))
     if cuda:
         rec["decode"] = roofline(wm, cfg, G, N, P, T, Fr, dtype, dev, res["ours"]["median_s"], a.repeats,
                                  peak_gbps(rec["device"], a.peak_gbps))

@@ -24,6 +24,10 @@ def test_wm_rollout_bench_times_the_default_path_against_three_labelled_baseline
     assert set(rec["sides"]) == {"ours", "hf_kv_cached", "hf_generate_per_frame"}  # static+compile: CUDA only
     for side in rec["sides"].values():
         assert side["repeats"] == 2 and side["median_s"] > 0 and side["what"]
+    fl = rec["decode_floor"]  # CPU: the step's lower bound from this core's measured GEMM and read rates
+    assert fl["gemm_gflops"] > 0 and fl["stream_read_gbps"] > 0 and 0 < fl["floor_step_s"] < fl["measured_step_s"]
+    # tiny preset: 2 layers x 2 KV heads x 16 dims x (K, V) x fp32, one 30-token prefix + 2 rows x 2 x (4 + 7) / 2
+    assert fl["kv_bytes_per_step"] == 2 * 2 * 16 * 2 * 4 * (30 + 2 * 2 * 11 / 2)
     for s, r in rec["speedup_vs"].items():
         assert r == pytest.approx(rec["sides"][s]["median_s"] / rec["sides"]["ours"]["median_s"])
     assert "release" in rec["sides"]["hf_generate_per_frame"]["what"]
