@@ -4,7 +4,8 @@
                      row_prompt_ids=first_actions)
 
 prompt_ids (G, P): the part of the prompt a group's N samples share, prefilled and stored once per group,
-RIGHT-padded when ragged, with prompt_lengths (G,) giving each row's true length (padding ignored).
+RIGHT-padded when ragged, with prompt_lengths (G,) giving each row's true length (padding ignored; for an
+action_cond model a padded prompt must not end inside an action block).
 row_prompt_ids (G*N, L), optional: each sample's own end of the prompt, fed after the shared part and before
 the first generated frame. RFT (Eq. 10): shared = context frame + first dynamics frame (1088 tokens at paper
 sizes), own = the rollout's first action a_0 (7 tokens), so the policy's a_0 reaches the first frame.
@@ -60,6 +61,12 @@ def _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples, pro
             raise ValueError(f"prompt_lengths must hold {G} lengths in [1, {P}] (prompts are right-padded), got {lens.tolist()}")
     valid = torch.arange(P)[None, :] < lens[:, None]
     wm.check_ids(prompt_ids.cpu()[valid], "prompt_ids")
+    if getattr(cfg, "action_cond", False) and bool((lens < P).any()):
+        last = prompt_ids.cpu()[torch.arange(G), lens - 1]
+        if bool((wm.is_action(last) & (lens < P)).any()):
+            raise ValueError("a right-padded prompt ends inside an action block: an action_cond model carries the "
+                             "block across chunks, and the padding would break it; end each padded prompt on a frame "
+                             "token (or a whole action block), or pass the block in row_prompt_ids")
     wm.check_ids(action_ids, "action_ids")
     R = 0
     if row_prompt_ids is not None:

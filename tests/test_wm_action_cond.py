@@ -194,3 +194,34 @@ def test_engine_cuda_graph_action_cond_equals_full_forward_loop():
     out = wm.rollout(shared, bins[:, 1:], tokens_per_frame=F, num_samples=N, temperature=0, row_prompt_ids=bins[:, 0],
                      use_cuda_graph=True)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_engine_ragged_prompts_of_an_action_cond_model(fast):
+    """Right-padded prompts: a group whose prompt ends on a frame token (or after a whole action block) rolls out
+    as alone; one that ends inside an action block is refused (the carry would be the padding's)."""
+    G, N, T, F = 2, 2, 2, LAY.dynamics_tokens
+    wm, shared, bins = _engine_case(5, G, N, T, attn_backend="eager")
+    a = bins[0, 0]  # a whole action block ends group 1's prompt, then two frame tokens
+    short = torch.cat([shared[1, :-2], a, shared[1, -2:]])
+    P = short.numel()
+    prompts = torch.cat([shared, torch.zeros(G, P - shared.shape[1], dtype=shared.dtype)], 1)
+    prompts[1] = short
+    lens = torch.tensor([shared.shape[1], P])
+    out = wm.rollout(prompts, bins[:, 1:], tokens_per_frame=F, num_samples=N, temperature=0, row_prompt_ids=bins[:, 0],
+                     prompt_lengths=lens, cpu_fast=fast)
+    for g, p in enumerate((shared[0], short)):
+        rows = slice(g * N, (g + 1) * N)
+        ref = _greedy_reference(wm, p[None], bins[rows, 0], bins[rows, 1:], T, F)
+        assert torch.equal(out[rows], ref)
+    long0 = torch.cat([shared[0], torch.arange(3)])  # group 0 the longer: group 1 is padded
+    mid = torch.cat([shared[1], a[:2]])  # two of the block's three action ids, the third in the row prompts
+    prompts = torch.stack([long0, torch.cat([mid, torch.zeros(1, dtype=mid.dtype)])])
+    with pytest.raises(ValueError, match="inside an action block"):
+        wm.rollout(prompts, bins[:, 1:], tokens_per_frame=F, num_samples=N, temperature=0,
+                   row_prompt_ids=bins[:, 0, 2:], prompt_lengths=torch.tensor([long0.numel(), mid.numel()]), cpu_fast=fast)
+    # unpadded, the same prompt is fine: the block completes in the row prompts
+    rows = slice(N, 2 * N)
+    out = wm.rollout(mid[None], bins[rows, 1:], tokens_per_frame=F, num_samples=N, temperature=0,
+                     row_prompt_ids=bins[rows, 0, 2:], cpu_fast=fast)
+    assert torch.equal(out, _greedy_reference(wm, mid[None], bins[rows, 0, 2:], bins[rows, 1:], T, F))

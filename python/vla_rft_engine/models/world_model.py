@@ -232,6 +232,10 @@ class WorldModel(nn.Module):
             self._rope = rotary_tables(self.config, positions.device)
         return self._rope[0][positions], self._rope[1][positions]
 
+    def is_action(self, ids: torch.Tensor) -> torch.Tensor:
+        """Where ids are action bins (is_action_id), for callers that hold the model, not its module."""
+        return is_action_id(ids, self.config)
+
     def check_ids(self, ids: torch.Tensor, what: str = "input_ids") -> None:
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{what} must be an integer tensor of vocabulary ids, got {ids.dtype}")
