@@ -130,3 +130,37 @@ def test_tokenizer_weights_are_safetensors_and_legacy_files_still_load(tmp_path)
     (tmp_path / "new" / "tokenizer.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(BadFileError, match="tokenizer.safetensors is corrupt"):
         VisualTokenizer.load(tmp_path / "new")
+
+
+@pytest.mark.parametrize("ci,co,h,w", [(8, 4, 5, 7), (16, 8, 8, 8), (3, 16, 1, 2)])
+def test_up_conv_equals_conv_of_the_upsampled_input(ci, co, h, w):
+    """Decoder.frames' nearest-2x upsample + 3x3 conv on the low-res input, against the two torch ops."""
+    from vla_rft_engine.models.tokenizer import _up_conv
+    torch.manual_seed(ci + co + h)
+    conv = torch.nn.Conv2d(ci, co, 3, padding=1)
+    x = torch.randn(3, ci, h, w)
+    ref = conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    with torch.no_grad():
+        got = _up_conv(x.contiguous(memory_format=torch.channels_last), conv)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_up_conv(x, conv), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_cond", [1, 5])
+def test_decoder_frames_equals_forward_with_repeated_cond(per_cond):
+    """The inference path (split 1x1 mix, cond once per context, up-convs on the low-res input, channels-last)
+    gives the module's forward on per_cond copies of each context's features."""
+    cfg = TokenizerConfig(image_size=32, downsample=4, channels=[8, 16, 32], latent_channels=16, dyn_patch=2)
+    tok = VisualTokenizer(cfg).eval()
+    torch.manual_seed(per_cond)
+    for p in tok.parameters():  # away from init, so every weight slice matters
+        p.data.add_(torch.randn_like(p) * 0.05)
+    zc, zd = torch.randn(3, 16, 8, 8), torch.randn(3 * per_cond, 16, 8, 8)
+    _, feats = tok.ctx_decoder(zc)
+    ref, _ = tok.dyn_decoder(zd, [f.repeat_interleave(per_cond, 0) for f in feats])
+    got = tok.dyn_decoder.frames(zd, feats, per_cond)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, ref.detach(), atol=2e-5, rtol=1e-5)
+    with torch.no_grad():  # _decode_latents takes the inference path without grad, the module with it
+        fast = tok._decode_latents(zc, zd, per_cond)[1]
+    torch.testing.assert_close(fast, tok._decode_latents(zc, zd, per_cond)[1].detach(), atol=2e-5, rtol=1e-5)

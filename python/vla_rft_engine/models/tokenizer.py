@@ -90,6 +90,42 @@ class Decoder(nn.Module):
         h, feats = _stages(self.inp(z), self.mix, self.blocks, cond)
         return self.out(h), feats
 
+    @torch.no_grad()
+    def frames(self, z: torch.Tensor, cond: list[torch.Tensor], per_cond: int) -> torch.Tensor:
+        """forward(z, cond repeated per_cond times)[0] in less time (inference; within float rounding):
+        channels-last activations (oneDNN's fast layout on the CPU), the 1x1 mix split into its h half and its
+        cond half, the latter once per cond and broadcast (no repeated, concatenated copies), and each
+        nearest-2x upsample + 3x3 conv run on the low-res input (_up_conv)."""
+        cl = torch.channels_last
+        h = F.conv2d(z.contiguous(memory_format=cl), self.inp.weight, self.inp.bias, padding=1)
+        for mix, (res, up), c in zip(self.mix, self.blocks, cond):
+            C = h.shape[1]
+            hc = F.conv2d(h, mix.weight[:, :C].contiguous(memory_format=cl))
+            cc = F.conv2d(c.contiguous(memory_format=cl), mix.weight[:, C:].contiguous(memory_format=cl), mix.bias)
+            h = (hc.unflatten(0, (-1, per_cond)) + cc[:, None]).flatten(0, 1).contiguous(memory_format=cl)
+            h = res(h)
+            h = _up_conv(h, up[1]) if isinstance(up, nn.Sequential) else up(h)
+        return self.out(h).contiguous()
+
+
+def _up_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(nearest_upsample_2x(x)) for a 3x3, padding-1 conv, computed on x: output pixel (2i+a, 2j+b) sees
+    low-res rows i-1+a, i+a and columns j-1+b, j+b, with the 3x3 taps summed per parity (a, b). One 3x3 conv
+    with 4x the output channels (a 2x2 block of taps per parity, zeros elsewhere) then interleaves them: no
+    upsampled copy, and a better GEMM shape than the full-res conv."""
+    w = conv.weight
+    Co, Ci = w.shape[:2]
+    taps = (lambda k: torch.stack([k[:, :, 0], k[:, :, 1] + k[:, :, 2]], 2),  # parity 0: rows i-1, i
+            lambda k: torch.stack([k[:, :, 0] + k[:, :, 1], k[:, :, 2]], 2))  # parity 1: rows i, i+1
+    k = w.new_zeros(2, 2, Co, Ci, 3, 3)
+    for a in (0, 1):
+        for b in (0, 1):
+            k[a, b, :, :, a:a + 2, b:b + 2] = taps[b](taps[a](w).transpose(2, 3)).transpose(2, 3)
+    B, _, H, W = x.shape
+    y = F.conv2d(x, k.flatten(0, 2).contiguous(memory_format=torch.channels_last), conv.bias.repeat(4), padding=1)
+    y = y.permute(0, 2, 3, 1).reshape(B, H, W, 2, 2, Co).transpose(2, 3)  # (B, H, a, W, b, Co)
+    return y.reshape(B, 2 * H, 2 * W, Co).permute(0, 3, 1, 2)  # channels-last memory
+
 
 class VisualTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig | None = None):
@@ -179,6 +215,8 @@ class VisualTokenizer(nn.Module):
         ctx_img, dec_feats = self.ctx_decoder(zc)
         if zd is None:
             return ctx_img, None
+        if not torch.is_grad_enabled():  # inference: the faster path (Decoder.frames), same function
+            return ctx_img, self.dyn_decoder.frames(zd, dec_feats, frames_per_ctx)
         cond = [f.repeat_interleave(frames_per_ctx, 0) for f in dec_feats]
         img, _ = self.dyn_decoder(zd, cond)
         return ctx_img, img
