@@ -147,6 +147,27 @@ def test_up_conv_equals_conv_of_the_upsampled_input(ci, co, h, w):
 
 
 @pytest.mark.parametrize("per_cond", [1, 5])
+def test_encoder_frames_equals_forward_with_repeated_cond(per_cond):
+    """The encoder's inference path (split 1x1 mix, cond once per context frame, channels-last) gives the
+    module's forward on per_cond copies of each context's features; encode_clip's ids are the module path's."""
+    cfg = TokenizerConfig(image_size=32, downsample=4, channels=[8, 16, 32], latent_channels=16, dyn_patch=2)
+    tok = VisualTokenizer(cfg).eval()
+    torch.manual_seed(per_cond)
+    for p in tok.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    ctx, fr = torch.rand(3, 3, 32, 32), torch.rand(3 * per_cond, 3, 32, 32)
+    _, feats = tok.ctx_encoder(ctx * 2 - 1)
+    ref, _ = tok.dyn_encoder(fr * 2 - 1, [f.repeat_interleave(per_cond, 0) for f in feats])
+    got = tok.dyn_encoder.frames(fr * 2 - 1, feats, per_cond)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, ref.detach(), atol=2e-5, rtol=1e-5)
+    clip = torch.cat([ctx[:, None], fr.view(3, per_cond, 3, 32, 32)], 1)
+    with torch.enable_grad():  # the module path (training's)
+        slow = tok._encode_dynamics(clip.flatten(0, 1), tok._encode_context(ctx)[2], per_cond + 1)[1]
+    assert torch.equal(tok.encode_clip(clip)[1], slow.view(3, per_cond + 1, -1))
+
+
+@pytest.mark.parametrize("per_cond", [1, 5])
 def test_decoder_frames_equals_forward_with_repeated_cond(per_cond):
     """The inference path (split 1x1 mix, cond once per context, up-convs on the low-res input, channels-last)
     gives the module's forward on per_cond copies of each context's features."""

@@ -68,6 +68,14 @@ class Encoder(nn.Module):
     def forward(self, x, cond: list[torch.Tensor] | None = None):
         return _stages(self.stem(x), self.mix, self.blocks, cond)
 
+    @torch.no_grad()
+    def frames(self, x: torch.Tensor, cond: list[torch.Tensor], per_cond: int) -> torch.Tensor:
+        """forward(x, cond repeated per_cond times)[0] in less time (inference, as Decoder.frames)."""
+        h = F.conv2d(x.contiguous(memory_format=torch.channels_last), self.stem.weight, self.stem.bias, padding=1)
+        for mix, block, c in zip(self.mix, self.blocks, cond):
+            h = block(_mix_once(mix, h, c, per_cond))
+        return h.contiguous()
+
 
 class Decoder(nn.Module):
     """Latent grid -> full-res frame; `cond` decoder features (latent -> full res) concatenated when given."""
@@ -99,13 +107,18 @@ class Decoder(nn.Module):
         cl = torch.channels_last
         h = F.conv2d(z.contiguous(memory_format=cl), self.inp.weight, self.inp.bias, padding=1)
         for mix, (res, up), c in zip(self.mix, self.blocks, cond):
-            C = h.shape[1]
-            hc = F.conv2d(h, mix.weight[:, :C].contiguous(memory_format=cl))
-            cc = F.conv2d(c.contiguous(memory_format=cl), mix.weight[:, C:].contiguous(memory_format=cl), mix.bias)
-            h = (hc.unflatten(0, (-1, per_cond)) + cc[:, None]).flatten(0, 1).contiguous(memory_format=cl)
-            h = res(h)
+            h = res(_mix_once(mix, h, c, per_cond))
             h = _up_conv(h, up[1]) if isinstance(up, nn.Sequential) else up(h)
         return self.out(h).contiguous()
+
+
+def _mix_once(mix: nn.Conv2d, h: torch.Tensor, c: torch.Tensor, per_cond: int) -> torch.Tensor:
+    """mix(cat([h, c repeated per_cond times])) for a 1x1 conv: its h half on h, its c half once per c row,
+    broadcast over that row's per_cond frames (channels-last out)."""
+    cl, C = torch.channels_last, h.shape[1]
+    hc = F.conv2d(h, mix.weight[:, :C].contiguous(memory_format=cl))
+    cc = F.conv2d(c.contiguous(memory_format=cl), mix.weight[:, C:].contiguous(memory_format=cl), mix.bias)
+    return (hc.unflatten(0, (-1, per_cond)) + cc[:, None]).flatten(0, 1).contiguous(memory_format=cl)
 
 
 def _up_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -170,8 +183,12 @@ class VisualTokenizer(nn.Module):
         codes, ids = self.ctx_quant(z)
         return codes.flatten(1, 2), ids.flatten(1), enc_feats
 
-    def _encode_dynamics(self, frames: torch.Tensor, enc_feats: list[torch.Tensor]):
-        h, _ = self.dyn_encoder(frames * 2 - 1, enc_feats)
+    def _encode_dynamics(self, frames: torch.Tensor, enc_feats: list[torch.Tensor], per_cond: int = 1):
+        """frames (B*per_cond, ...), enc_feats of their B context frames (each frame's context repeats per_cond)."""
+        if torch.is_grad_enabled():
+            h, _ = self.dyn_encoder(frames * 2 - 1, [f.repeat_interleave(per_cond, 0) for f in enc_feats])
+        else:  # inference: the faster path (Encoder.frames), same function
+            h = self.dyn_encoder.frames(frames * 2 - 1, enc_feats, per_cond)
         codes, ids = self.dyn_quant(self.dyn_to_code(self._patchify(h)))
         return codes, ids
 
@@ -200,8 +217,7 @@ class VisualTokenizer(nn.Module):
         B, K = clip.shape[:2]
         self._check_frames(clip.flatten(0, 1), "clip frames")
         _, ctx_ids, feats = self._encode_context(clip[:, 0])
-        feats = [f.repeat_interleave(K, 0) for f in feats]
-        return ctx_ids, self._encode_dynamics(clip.flatten(0, 1), feats)[1].view(B, K, -1)
+        return ctx_ids, self._encode_dynamics(clip.flatten(0, 1), feats, K)[1].view(B, K, -1)
 
     # --- decoding ---
     def _latent_from_codes(self, ctx_codes: torch.Tensor, dyn_codes: torch.Tensor | None):
@@ -253,8 +269,7 @@ class VisualTokenizer(nn.Module):
         Returns (ctx_recon, frames_recon) in [-1, 1] scale-free outputs mapped to [0, 1], and the VQ loss."""
         B, T = frames.shape[:2]
         ctx_codes, _, enc_feats = self._encode_context(ctx)
-        feats = [f.repeat_interleave(T, 0) for f in enc_feats]
-        dyn_codes, _ = self._encode_dynamics(frames.flatten(0, 1), feats)
+        dyn_codes, _ = self._encode_dynamics(frames.flatten(0, 1), enc_feats, T)
         zc, zd = self._latent_from_codes(ctx_codes, dyn_codes)
         ctx_img, img = self._decode_latents(zc, zd, T)
         aux = torch.zeros((), device=ctx.device)
