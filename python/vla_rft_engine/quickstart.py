@@ -1,6 +1,6 @@
 """`vla-rft quickstart`: the whole method on the built-in task, laptop-sized, resumable.
 
-    vla-rft quickstart                                  # ~20 min on 2 CPU cores, writes runs/quickstart/
+    vla-rft quickstart                                  # ~19 min on 2 CPU cores, writes runs/quickstart/
     vla-rft quickstart rft.grpo.steps=40 seeds=[0,1,2,3] eval_episodes=50
 
 Stages (each skipped when already done, each also resumable inside; every stage is its own subcommand):
