@@ -22,8 +22,9 @@ Defaults by device (each has a flag):
 Warm-up: one 1-frame rollout per side outside the timed region. Then the sides alternate per repeat, so a load
 change on a shared machine hits all of them. Rollouts/s counts one (start state, sample) rollout of `frames`
 frames. On the CPU the record gives decode_floor: the step's lower bound from this core's measured GEMM rate
-(weights) and stream-read rate (K/V bytes), against the measured step. On CUDA the record gives the decode steps' fraction of the HBM roofline: (weight bytes + KV bytes read
-per step) / step time / peak bandwidth (peak from a table by device name, or --peak-gbps).
+(weights) and stream-read rate (K/V bytes), against the measured step. On CUDA the record gives the decode
+steps' fraction of the HBM roofline: (weight bytes + KV bytes read per step) / step time / peak bandwidth (peak
+from a table by device name, or --peak-gbps).
 """
 from __future__ import annotations
 
