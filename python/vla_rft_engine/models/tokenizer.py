@@ -73,7 +73,7 @@ class Encoder(nn.Module):
         """forward(x, cond repeated per_cond times)[0] in less time (inference, as Decoder.frames)."""
         h = F.conv2d(x.contiguous(memory_format=torch.channels_last), self.stem.weight, self.stem.bias, padding=1)
         for mix, block, c in zip(self.mix, self.blocks, cond):
-            h = block(_mix_once(mix, h, c, per_cond))
+            h = block(_mix_once(cast(nn.Conv2d, mix), h, c, per_cond))
         return h.contiguous()
 
 
@@ -106,9 +106,10 @@ class Decoder(nn.Module):
         nearest-2x upsample + 3x3 conv run on the low-res input (_up_conv)."""
         cl = torch.channels_last
         h = F.conv2d(z.contiguous(memory_format=cl), self.inp.weight, self.inp.bias, padding=1)
-        for mix, (res, up), c in zip(self.mix, self.blocks, cond):
-            h = res(_mix_once(mix, h, c, per_cond))
-            h = _up_conv(h, up[1]) if isinstance(up, nn.Sequential) else up(h)
+        for mix, block, c in zip(self.mix, self.blocks, cond):
+            res, up = cast(nn.Sequential, block)  # (ResBlock | Identity, Sequential(Upsample, Conv2d) | Identity)
+            h = res(_mix_once(cast(nn.Conv2d, mix), h, c, per_cond))
+            h = _up_conv(h, cast(nn.Conv2d, up[1])) if isinstance(up, nn.Sequential) else up(h)
         return self.out(h).contiguous()
 
 
@@ -135,7 +136,8 @@ def _up_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         for b in (0, 1):
             k[a, b, :, :, a:a + 2, b:b + 2] = taps[b](taps[a](w).transpose(2, 3)).transpose(2, 3)
     B, _, H, W = x.shape
-    y = F.conv2d(x, k.flatten(0, 2).contiguous(memory_format=torch.channels_last), conv.bias.repeat(4), padding=1)
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    y = F.conv2d(x, k.flatten(0, 2).contiguous(memory_format=torch.channels_last), bias, padding=1)
     y = y.permute(0, 2, 3, 1).reshape(B, H, W, 2, 2, Co).transpose(2, 3)  # (B, H, a, W, b, Co)
     return y.reshape(B, 2 * H, 2 * W, Co).permute(0, 3, 1, 2)  # channels-last memory
 
