@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     a = parse_args(ap, argv)
 
     from vla_rft_engine.engine.rollout import rollout
+    from vla_rft_engine.layout import TokenLayout
     from vla_rft_engine.models.world_model import WorldModel, WorldModelConfig, init_weights
     from vla_rft_engine.utils import nvtx_range
 
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     G, N, T, Fr, P = a.groups, a.samples, a.frames, a.tokens_per_frame, a.prompt_len
-    size = dict(num_codes=a.num_codes, vocab_size=2 * a.num_codes + 256 + 2, max_position=max(1024, P + T * 71 + 64))
+    lay = TokenLayout(num_codes=a.num_codes)  # 256 action bins x 7 dims, as the quickstart's
+    size = dict(num_codes=a.num_codes, vocab_size=lay.vocab_size, max_position=max(1024, P + T * 71 + 64))
     base = WorldModelConfig.preset(a.preset, **size)
     cond = WorldModelConfig.preset(a.preset, action_cond=True, action_cond_sum=True, **size)
     models = {"action_cond": init_weights(WorldModel(cond), seed=0)}
@@ -56,11 +58,11 @@ def main(argv=None) -> int:
     models["tokens_only"].load_state_dict({k: v for k, v in models["action_cond"].state_dict().items()
                                            if not k.startswith("action_proj.")})
     models = {k: m.to(dev).eval() for k, m in models.items()}
-    a0, nb = 2 * base.num_codes, base.vocab_size - 2 - 2 * base.num_codes
+    a0, nb, A = lay.action_offset, lay.num_action_bins, lay.action_dim
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(base.num_codes, 2 * base.num_codes, (G, P - 7), generator=g).to(dev)
-    own_a0 = torch.randint(a0, a0 + nb, (G * N, 7), generator=g).to(dev)
-    acts = torch.randint(a0, a0 + nb, (G * N, T - 1, 7), generator=g).to(dev)
+    prompt = torch.randint(lay.context_offset, lay.context_offset + lay.num_codes, (G, P - A), generator=g).to(dev)
+    own_a0 = torch.randint(a0, a0 + nb, (G * N, A), generator=g).to(dev)
+    acts = torch.randint(a0, a0 + nb, (G * N, T - 1, A), generator=g).to(dev)
 
     def run(side):
         with nvtx_range(f"bench.{side}"), torch.no_grad():

@@ -82,7 +82,7 @@ def _nucleus_argmax(p, score, top_p: float, rounds: int = 16):
     tok = score.argmax(-1)
     done = torch.zeros(B, dtype=torch.bool)
     tol = V * 2.0 ** -22
-    rows, pr, sr, t = torch.arange(B), p, score, tok
+    rows, pr, t = torch.arange(B), p, tok
     for _ in range(rounds):
         pt = pr.gather(1, t[:, None])
         above = pr.masked_fill(pr <= pt, 0.0).sum(-1)  # NaN p: NaN mass, neither verdict
@@ -94,8 +94,7 @@ def _nucleus_argmax(p, score, top_p: float, rounds: int = 16):
         if not bool(out.any()):
             break
         rows, pr, pt = rows[out], pr[out], pt[out]
-        sr = score[rows].masked_fill_(pr <= pt, float("-inf"))
-        t = sr.argmax(-1)
+        t = score[rows].masked_fill_(pr <= pt, float("-inf")).argmax(-1)
     return tok, done
 
 

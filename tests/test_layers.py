@@ -46,7 +46,7 @@ def test_only_cli_imports_the_cli():
     ("engine", ("torch", "vla_rft_engine.kernels", "vla_rft_engine.engine")),
     ("models", ("torch", "numpy", "transformers", "safetensors", "yaml", "vla_rft_engine.models",
                 "vla_rft_engine.engine", "vla_rft_engine.kernels", "vla_rft_engine.ops", "vla_rft_engine.layout",
-                "vla_rft_engine.config", "vla_rft_engine.utils", "vla_rft_engine.commands")),
+                "vla_rft_engine.config", "vla_rft_engine.utils")),
 ])
 def test_layer_imports(layer, allowed):
     bad = []

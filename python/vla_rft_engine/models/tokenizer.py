@@ -71,7 +71,7 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def frames(self, x: torch.Tensor, cond: list[torch.Tensor], per_cond: int) -> torch.Tensor:
         """forward(x, cond repeated per_cond times)[0] in less time (inference, as Decoder.frames)."""
-        h = F.conv2d(x.contiguous(memory_format=torch.channels_last), self.stem.weight, self.stem.bias, padding=1)
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))
         for mix, block, c in zip(self.mix, self.blocks, cond):
             h = block(_mix_once(cast(nn.Conv2d, mix), h, c, per_cond))
         return h.contiguous()
@@ -105,7 +105,7 @@ class Decoder(nn.Module):
         cond half, the latter once per cond and broadcast (no repeated, concatenated copies), and each
         nearest-2x upsample + 3x3 conv run on the low-res input (_up_conv)."""
         cl = torch.channels_last
-        h = F.conv2d(z.contiguous(memory_format=cl), self.inp.weight, self.inp.bias, padding=1)
+        h = self.inp(z.contiguous(memory_format=cl))
         for mix, block, c in zip(self.mix, self.blocks, cond):
             res, up = cast(nn.Sequential, block)  # (ResBlock | Identity, Sequential(Upsample, Conv2d) | Identity)
             h = res(_mix_once(cast(nn.Conv2d, mix), h, c, per_cond))
