@@ -29,6 +29,7 @@ BENCHES = {
     "wm_rollout": ([], ["--groups", "1", "--samples", "4", "--frames", "2", "--baseline-repeats", "1"]),
     "grpo_step": ([], ["--repeats", "2"]),
     "wm_action_cond": ([], ["--repeats", "3"]),
+    "cpu_inference": ([], ["--repeats", "3"]),
     "sde_sampling": ([], ["--repeats", "5"]),
     "vq_decode": ([], ["--quick"]),
     "rewards": (["--hw", "256"], ["--repeats", "2"]),

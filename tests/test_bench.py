@@ -53,6 +53,19 @@ def test_wm_action_cond_bench_compares_to_the_tokens_only_model(capsys):
                                                            / rec["sides"]["tokens_only"]["median_s"])
 
 
+def test_cpu_inference_bench_times_the_default_paths_against_what_they_replaced(capsys):
+    from bench import cpu_inference
+    assert cpu_inference.main(["--contexts", "1", "--frames", "3", "--clips", "2", "--rows", "4", "--vocab", "300",
+                               "--repeats", "2"]) == 0
+    rec = _record(capsys)
+    assert set(rec["cases"]) == {"tokenizer_decode", "tokenizer_encode", "sampling_flat", "sampling_peaked"}
+    for case in rec["cases"].values():
+        assert case["default"]["what"] and case["baseline"]["what"] and case["default"]["median_s"] > 0
+        assert case["ratio"] == case["default"]["median_s"] / case["baseline"]["median_s"]
+    assert rec["cases"]["tokenizer_decode"]["max_abs_diff"] < 1e-5  # the same frames
+    assert rec["cases"]["tokenizer_encode"]["ids_differing"] == 0
+
+
 def test_suite_table_picks_ratios():
     from bench.suite import headline
     rec = {"speedup_vs": {"hf_kv_cached": 3.2}, "sides": {"ours": {"rollouts_per_s": 10.0, "median_s": 1.0}},

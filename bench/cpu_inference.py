@@ -1,0 +1,119 @@
+"""The CPU inference paths an RFT step runs besides the world model's decode steps, each against the path it
+replaced, same inputs, same run. One JSON record.
+
+    python bench/cpu_inference.py               # the quickstart's shapes, 1 thread
+
+Cases (each: production default vs the labelled baseline; ratio = default median / baseline median):
+  tokenizer_decode  VisualTokenizer.decode of 4 contexts x 72 frames (one quickstart RFT step: 4 start states x
+                    9 rows x 8 frames), 64x64, the quickstart's tokenizer shape (FSQ 8,6,5), random init.
+                    Default: Decoder.frames. Baseline: the decoder module on each context's features repeated
+                    per frame (the path before Decoder.frames; training still runs it).
+  tokenizer_encode  encode_clip of 64 clips x 9 frames (one batch of the world model's segments). Default:
+                    Encoder.frames. Baseline: the encoder module on repeated features.
+  sampling_flat / sampling_peaked  top-p 0.8 sampling of 34 rows x 4375 codes (the CPU bench's RFT shape),
+                    logits N(0, 0.3) (a random-init model's) and N(0, 3) (a trained model's). Default:
+                    kernels/sampling.sample_cpu. Baseline: sample_cpu with every row through its sorted cut
+                    (_sorted_cut_argmax: the path before the no-sort check); sample_reference (full argsort) is timed too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: kernels/ must not shadow PyPI kernels
+from bench.common import device_name, emit, parse_args, time_fn  # noqa: E402
+
+
+def _tokenizer_cases(contexts: int, frames: int, clips: int, repeats: int) -> dict:
+    from vla_rft_engine.models.tokenizer import TokenizerConfig, VisualTokenizer
+    from vla_rft_engine.utils import nvtx_range
+    tok = VisualTokenizer(TokenizerConfig(levels=[8, 6, 5])).eval()
+    cfg, g = tok.cfg, torch.Generator().manual_seed(0)
+    n_codes = 8 * 6 * 5
+    G, p = cfg.latent_grid, cfg.dyn_patch
+    ctx = torch.randint(0, n_codes, (contexts, G * G), generator=g)
+    dyn = torch.randint(0, n_codes, (contexts, frames, (G // p) ** 2), generator=g)
+
+    def decode_module():
+        zc = tok._ids_to_latent(ctx, tok.ctx_proj, tok.ctx_quant, (G, G), 1)
+        zd = tok._ids_to_latent(dyn.flatten(0, 1), tok.dyn_proj, tok.dyn_quant, (G // p, G // p), p)
+        _, feats = tok.ctx_decoder(zc)
+        img, _ = tok.dyn_decoder(zd, [f.repeat_interleave(frames, 0) for f in feats])
+        return ((img.clamp(-1, 1) + 1) / 2).view(contexts, frames, 3, *img.shape[-2:])
+
+    clip = torch.rand(clips, 9, 3, cfg.image_size, cfg.image_size, generator=g)
+
+    def encode_module():
+        _, ids, feats = tok._encode_context(clip[:, 0])
+        h, _ = tok.dyn_encoder(clip.flatten(0, 1) * 2 - 1, [f.repeat_interleave(9, 0) for f in feats])
+        return ids, tok.dyn_quant(tok.dyn_to_code(tok._patchify(h)))[1].view(clips, 9, -1)
+
+    out = {}
+    with torch.no_grad():
+        for name, default, base, shape in (
+                ("tokenizer_decode", lambda: tok.decode(ctx, dyn), decode_module, [contexts, frames, 64]),
+                ("tokenizer_encode", lambda: tok.encode_clip(clip), encode_module, [clips, 9, 3, 64, 64])):
+            a, b = default(), base()
+            diff = (a - b).abs().max().item() if name.endswith("decode") else int((a[1] != b[1]).sum())
+            with nvtx_range(f"bench.{name}"):
+                td = time_fn(default, repeats=repeats, warmup=1)
+                tb = time_fn(base, repeats=repeats, warmup=1)
+            out[name] = {"shape": shape, "default": {"what": "Decoder.frames / Encoder.frames (VisualTokenizer's "
+                                                               "inference path)", **td},
+                         "baseline": {"what": "the module with each context's features repeated per frame", **tb},
+                         "ratio": td["median_s"] / tb["median_s"],
+                         ("max_abs_diff" if name.endswith("decode") else "ids_differing"): diff}
+    return out
+
+
+def _sampling_cases(rows: int, vocab: int, repeats: int) -> dict:
+    from vla_rft_engine.kernels.sampling import _sorted_cut_argmax, gumbel_noise, sample_cpu, sample_reference
+    out = {}
+    for name, scale in (("sampling_flat", 0.3), ("sampling_peaked", 3.0)):
+        g = torch.Generator().manual_seed(1)
+        logits = torch.randn(rows, vocab, generator=g) * scale
+        noise = gumbel_noise((rows, vocab), generator=g)
+
+        def sorted_cut():  # sample_cpu with every row through the sorted cut
+            z = logits.float()
+            pz = z.softmax(-1)
+            tok = _sorted_cut_argmax(logits, pz, z + noise, noise, 1.0, 0, 0.8)
+            return tok, z.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+        assert torch.equal(sample_cpu(logits, noise, 1.0, 0, 0.8)[0], sample_reference(logits, noise, 1.0, 0, 0.8)[0])
+        td = time_fn(lambda: sample_cpu(logits, noise, 1.0, 0, 0.8), repeats=repeats, warmup=3)
+        tb = time_fn(sorted_cut, repeats=repeats, warmup=3)
+        tr = time_fn(lambda: sample_reference(logits, noise, 1.0, 0, 0.8), repeats=repeats, warmup=3)
+        out[name] = {"shape": [rows, vocab], "logit_scale": scale, "top_p": 0.8,
+                     "default": {"what": "kernels/sampling.sample_cpu (with the log-prob)", **td},
+                     "baseline": {"what": "sample_cpu with every row through the sorted cut (the path before the no-sort check)", **tb},
+                     "reference": {"what": "sample_reference: full argsort", **tr},
+                     "ratio": td["median_s"] / tb["median_s"], "tokens_equal_reference": True}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, default=4)
+    ap.add_argument("--frames", type=int, default=72)
+    ap.add_argument("--clips", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=34)
+    ap.add_argument("--vocab", type=int, default=4375)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    ap.add_argument("--out", default=None)
+    a = parse_args(ap, argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cases = {**_tokenizer_cases(a.contexts, a.frames, a.clips, a.repeats),
+             **_sampling_cases(a.rows, a.vocab, max(a.repeats, 20))}
+    emit({"bench": "cpu_inference", "device": device_name(torch.device("cpu")), "dtype": "float32",
+          "torch_threads": torch.get_num_threads(), "cases": cases,
+          "ratio_vs_baseline": {k: v["ratio"] for k, v in cases.items()}}, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
