@@ -1,5 +1,4 @@
-"""The CPU inference paths an RFT step runs besides the world model's decode steps, each against the path it
-replaced, same inputs, same run. One JSON record.
+"""The CPU inference paths of an RFT step, each against the path it replaced, same inputs, same run. One JSON record.
 
     python bench/cpu_inference.py               # the quickstart's shapes, 1 thread
 
@@ -14,6 +13,14 @@ Cases (each: production default vs the labelled baseline; ratio = default median
                     logits N(0, 0.3) (a random-init model's) and N(0, 3) (a trained model's). Default:
                     kernels/sampling.sample_cpu. Baseline: sample_cpu with every row through its sorted cut
                     (_sorted_cut_argmax: the path before the no-sort check); sample_reference (full argsort) is timed too.
+  decode_attention_S{30,290,560}  the world model's single-token attention at the CPU bench's RFT shape (small
+                    preset: 4 layers, 4 heads of 64; 2 groups x 17 rows (--rows); 320-token shared prefix; S filled suffix
+                    slots: the first, middle and last frame of 8), each layer's own caches, so the K/V come from
+                    memory as in a decode step. Default: kernels/decode_attention_cpu (the C++ loop). Baseline:
+                    decode_attention_cpu_reference (batched matmuls, the path before the C++ loop).
+  decode_gemms      one decode step's qkv, gate/up (4 layers) and head GEMMs at 34 rows (--rows, --vocab), timed after an 84 MB read
+                    (a step's K/V volume at the middle frame, which evicts the weights, as in a rollout). Default:
+                    MKL pre-packed weights (engine/cpu_decode.py). Baseline: torch.mm on the weights.
 """
 from __future__ import annotations
 
@@ -94,6 +101,67 @@ def _sampling_cases(rows: int, vocab: int, repeats: int) -> dict:
     return out
 
 
+def _decode_cases(rows: int, vocab: int, repeats: int) -> dict:
+    import statistics
+    import time
+
+    from vla_rft_engine.engine.cpu_decode import _mkl_pack
+    from vla_rft_engine.kernels.decode_attention_cpu import (decode_attention_cpu, decode_attention_cpu_reference,
+                                                             extension_available)
+    from vla_rft_engine.utils import nvtx_range
+    out: dict = {}
+    layers, G, N, H, D, P, Smax = 4, 2, max(rows // 2, 2), 4, 64, 320, 575
+    B, g = G * N, torch.Generator().manual_seed(2)
+    pk, pv = torch.randn(2, layers, G, H, P, D, generator=g)
+    sk, sv = torch.randn(2, layers, B, H, Smax, D, generator=g)
+    q = torch.randn(B, H, D, generator=g)
+    plens = torch.full((G,), P, dtype=torch.int64)
+    for S in (30, 290, 560):
+        def step(fn):
+            return [fn(q, pk[i], pv[i], plens, sk[i], sv[i], S) for i in range(layers)]
+        diff = max((a - b).abs().max().item() for a, b in zip(step(decode_attention_cpu),
+                                                              step(decode_attention_cpu_reference)))
+        with nvtx_range(f"bench.decode_attention_S{S}"):
+            td = time_fn(lambda: step(decode_attention_cpu), repeats=repeats, warmup=2)
+            tb = time_fn(lambda: step(decode_attention_cpu_reference), repeats=repeats, warmup=2)
+        kv_mb = layers * 2 * 4 * D * H * (B * S + G * P) / 1e6
+        out[f"decode_attention_S{S}"] = {
+            "shape": {"layers": layers, "groups": G, "rows": B, "heads": H, "head_dim": D, "prefix": P, "suffix": S},
+            "default": {"what": "kernels/decode_attention_cpu (C++ loop, extension built: "
+                                f"{extension_available()})", **td, "kv_gbps": kv_mb / 1e3 / td["median_s"]},
+            "baseline": {"what": "decode_attention_cpu_reference (batched matmuls: the path before the C++ loop)",
+                         **tb, "kv_gbps": kv_mb / 1e3 / tb["median_s"]},
+            "kv_mb_per_step": kv_mb, "ratio": td["median_s"] / tb["median_s"], "max_abs_diff": diff}
+    ws = [torch.randn(n, k, generator=g) * 0.05 for n, k in [(768, 256), (2048, 256)] * layers + [(vocab, 256)]]
+    xs = [torch.randn(B, w.shape[1], generator=g) for w in ws]
+    packs = [_mkl_pack(w, B) for w in ws]
+    flush = torch.ones(21 * 2 ** 20)  # 84 MB
+
+    def gemms(packed: bool):
+        ts = []
+        for _ in range(repeats + 2):
+            flush.sum()
+            t0 = time.perf_counter()
+            for x, w, pw in zip(xs, ws, packs):
+                if packed and pw is not None:
+                    torch.ops.mkl._mkl_linear(x, pw[0], pw[1], None, B)
+                else:
+                    torch.mm(x, w.t())
+            ts.append(time.perf_counter() - t0)
+        ts = ts[2:]  # the first two: warm-up
+        return {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts}
+    with nvtx_range("bench.decode_gemms"):
+        td, tb = gemms(True), gemms(False)
+    out["decode_gemms"] = {
+        "shape": {"rows": B, "weights": [list(w.shape) for w in ws]},
+        "default": {"what": "MKL pre-packed weights (torch.ops.mkl._mkl_linear), as engine/cpu_decode.py runs "
+                            f"them (packed: {all(p is not None for p in packs)})", **td},
+        "baseline": {"what": "torch.mm on the weights", **tb}, "ratio": td["median_s"] / tb["median_s"],
+        "bitwise_equal": all(p is None or torch.equal(torch.ops.mkl._mkl_linear(x, p[0], p[1], None, B), x @ w.t())
+                             for x, w, p in zip(xs, ws, packs))}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, default=4)
@@ -108,7 +176,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     cases = {**_tokenizer_cases(a.contexts, a.frames, a.clips, a.repeats),
-             **_sampling_cases(a.rows, a.vocab, max(a.repeats, 20))}
+             **_sampling_cases(a.rows, a.vocab, max(a.repeats, 20)),
+             **_decode_cases(a.rows, a.vocab, max(a.repeats, 15))}
     emit({"bench": "cpu_inference", "device": device_name(torch.device("cpu")), "dtype": "float32",
           "torch_threads": torch.get_num_threads(), "cases": cases,
           "ratio_vs_baseline": {k: v["ratio"] for k, v in cases.items()}}, a.out)

@@ -5,9 +5,13 @@ overhead and needless passes over the scores matter as much as the matmuls. Here
   - q/k/v and gate/up are one matmul each (WorldModel.fused_weights); the residual adds ride on addmm_;
   - rotary tables are built once per rollout for every suffix slot of every group and sliced per step;
   - rotary results are written into preallocated buffers, K straight from there into its cache slot;
-  - single-token attention needs no mask (every filled suffix slot is visible, the ragged prefix gets a
-    precomputed additive bias only when prompts are ragged); the prefix is read once per group;
-  - the LM head runs over the dynamics-code rows of the last position only.
+  - single-token attention is kernels/decode_attention_cpu.py: one query per (row, head), so matrix-vector
+    loops in C++ that read the suffix K/V once at memory speed (no mask: every filled suffix slot is visible,
+    the ragged prefix is cut at each group's length); the prefix is shared by the group's rows;
+  - the LM head runs over the dynamics-code rows of the last position only;
+  - in fp32 with MKL, the qkv, gate/up and head weights are pre-packed once per rollout for the B-row GEMM (B >= 4)
+    (torch.ops.mkl._mkl_linear: the same product as torch.mm bit for bit, without re-packing each weight on
+    every step, which costs most where the step's K/V reads have evicted it from cache).
 Chunks of more than one token (frame end + action) take the generic cached-attention path.
 Math follows WorldModel.hidden op for op (HF RMSNorm order, rotate_half rotary, fp32 softmax).
 """
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from vla_rft_engine.kernels.decode_attention_cpu import decode_attention_cpu
 
 from .attention import eager_attention
 
@@ -26,6 +32,16 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _mkl_pack(w: torch.Tensor, rows: int):
+    """(packed, w) for _mm, or None where torch.mm runs instead (no MKL, few rows, not fp32)."""
+    if rows < 4 or w.dtype != torch.float32 or not torch.backends.mkl.is_available():
+        return None  # under 4 rows torch.mm takes another kernel, which rounds differently
+    try:
+        return torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows), w
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class CpuDecoder:
     def __init__(self, wm, cache, groups: int, samples: int, prefix_lens: torch.Tensor):
         cfg = wm.config
@@ -35,15 +51,13 @@ class CpuDecoder:
         dtype = wm.output.weight.dtype
         self.fused = wm.fused_weights()
         self.head = wm.output.weight[:cfg.num_codes]
+        self.packed = [(_mkl_pack(wqkv, self.B), _mkl_pack(w13, self.B)) for wqkv, w13 in self.fused]
+        self.packed_head = _mkl_pack(self.head, self.B)
         # rotary tables for suffix slot s of group g: position prefix_lens[g] + s
         pos = prefix_lens.to(torch.int64)[:, None] + torch.arange(cache.suffix_len)
         cos, sin = wm.rope(pos)  # (G, S, D/2) fp32
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
-        P = cache.prefix_len
-        self.prefix_bias = None  # (G, 1, 1, P) additive: -inf past each group's prompt
-        if bool((prefix_lens < P).any()):
-            pad = torch.arange(P)[None, :] >= prefix_lens[:, None]
-            self.prefix_bias = torch.zeros(groups, P).masked_fill_(pad, float("-inf"))[:, None, None]
+        self.prefix_lens = prefix_lens.to(torch.int64).cpu().contiguous()  # host copy: no sync per step
         self._bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _buffers(self, L: int):
@@ -66,24 +80,13 @@ class CpuDecoder:
         o2.add_(torch.mul(x1, s, out=tmp))
         return out
 
-    def _attend1(self, q, pk, pv, sk, sv, S: int) -> torch.Tensor:
-        """One query per row: q (B, H, D) over the group's prefix and the row's S filled suffix slots."""
-        G, N, B, HKV, D = self.G, self.N, self.B, self.HKV, self.D
-        rep, P = self.H // HKV, pk.shape[2]
-        qg = q.view(G, N, HKV, rep, D).transpose(1, 2).reshape(G, HKV, N * rep, D)
-        sp = torch.matmul(qg, pk.transpose(-1, -2))  # (G, HKV, N*rep, P): the prompt read once per group
-        if self.prefix_bias is not None:
-            sp += self.prefix_bias
-        ss = torch.matmul(q.view(B, HKV, rep, D), sk[:, :, :S].transpose(-1, -2))  # (B, HKV, rep, S)
-        sp = sp.view(G, HKV, N, rep, P).transpose(1, 2).reshape(B, HKV, rep, P)
-        prob = torch.cat([sp, ss], -1).float().mul_(D ** -0.5).softmax(-1).to(q.dtype)
-        out = torch.matmul(prob[..., P:], sv[:, :, :S])  # (B, HKV, rep, D)
-        pp = prob[..., :P].reshape(G, N, HKV, rep, P).transpose(1, 2).reshape(G, HKV, N * rep, P)
-        out += torch.matmul(pp, pv).view(G, HKV, N, rep, D).transpose(1, 2).reshape(B, HKV, rep, D)
-        return out.view(B, self.H * D)
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, packed) -> torch.Tensor:
+        if packed is not None and x.shape[0] == self.B:
+            return torch.ops.mkl._mkl_linear(x, packed[0], packed[1], None, self.B)
+        return torch.mm(x, w.t())
 
     @staticmethod
-    def _residual(x, y, w):
+    def _residual(x, y, w):  # wo and w2: the residual add rides in the GEMM (the packed op has no such form)
         if x.dtype == torch.float32:  # the add rides in the GEMM epilogue
             return x.addmm_(y, w.t())  # x is always this step's own tensor
         return x + torch.mm(y, w.t())  # low precision: round the product first, as the module does
@@ -97,22 +100,23 @@ class CpuDecoder:
         x = self.wm.embed(ids, c).view(B * L, -1)  # + action conditioning when the model has it
         for i, blk in enumerate(self.wm.layers):
             wqkv, w13 = self.fused[i]
-            qkv = torch.mm(_rms(x, blk.attention_norm.weight, cfg.rms_eps), wqkv.t())
+            qkv = self._mm(_rms(x, blk.attention_norm.weight, cfg.rms_eps), wqkv, self.packed[i][0])
             qk = qkv[:, :(H + HKV) * D].view(G, N, L, H + HKV, 2, D // 2)
             rot = self._rotary(qk, s0, L).view(B, L, H + HKV, D)
             sk, sv = c.suffix_k[i], c.suffix_v[i]
             sk[:, :, s0:s0 + L].copy_(rot[:, :, H:].transpose(1, 2))
             sv[:, :, s0:s0 + L].copy_(qkv[:, (H + HKV) * D:].view(B, L, HKV, D).transpose(1, 2))
             if L == 1:
-                y = self._attend1(rot[:, 0, :H], c.prefix_k[i], c.prefix_v[i], sk, sv, s0 + 1)
+                y = decode_attention_cpu(rot[:, 0, :H], c.prefix_k[i], c.prefix_v[i], self.prefix_lens, sk, sv,
+                                         s0 + 1).view(B, H * D)
             else:
                 y = eager_attention(rot[:, :, :H].contiguous(), c.prefix_k[i], c.prefix_v[i], c.prefix_lens, sk, sv, c.s0,
                                     s0 + L).reshape(B * L, H * D)
             x = self._residual(x, y, blk.attention.wo.weight)
-            gu = torch.mm(_rms(x, blk.ffn_norm.weight, cfg.rms_eps), w13.t())
+            gu = self._mm(_rms(x, blk.ffn_norm.weight, cfg.rms_eps), w13, self.packed[i][1])
             I = gu.shape[1] // 2
             g = F.silu(gu[:, :I], inplace=True).mul_(gu[:, I:])
             x = self._residual(x, g, blk.feed_forward.w2.weight)
         c.advance(L)
         h = _rms(x.view(B, L, -1)[:, -1], self.wm.norm.weight, cfg.rms_eps)
-        return torch.mm(h, self.head.t())
+        return self._mm(h, self.head, self.packed_head)

@@ -58,12 +58,16 @@ def test_cpu_inference_bench_times_the_default_paths_against_what_they_replaced(
     assert cpu_inference.main(["--contexts", "1", "--frames", "3", "--clips", "2", "--rows", "4", "--vocab", "300",
                                "--repeats", "2"]) == 0
     rec = _record(capsys)
-    assert set(rec["cases"]) == {"tokenizer_decode", "tokenizer_encode", "sampling_flat", "sampling_peaked"}
+    assert set(rec["cases"]) == {"tokenizer_decode", "tokenizer_encode", "sampling_flat", "sampling_peaked",
+                                 "decode_attention_S30", "decode_attention_S290", "decode_attention_S560",
+                                 "decode_gemms"}
     for case in rec["cases"].values():
         assert case["default"]["what"] and case["baseline"]["what"] and case["default"]["median_s"] > 0
         assert case["ratio"] == case["default"]["median_s"] / case["baseline"]["median_s"]
     assert rec["cases"]["tokenizer_decode"]["max_abs_diff"] < 1e-5  # the same frames
     assert rec["cases"]["tokenizer_encode"]["ids_differing"] == 0
+    assert all(rec["cases"][f"decode_attention_S{S}"]["max_abs_diff"] < 1e-5 for S in (30, 290, 560))
+    assert rec["cases"]["decode_gemms"]["bitwise_equal"]
 
 
 def test_suite_table_picks_ratios():

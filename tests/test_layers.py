@@ -42,7 +42,7 @@ def test_only_cli_imports_the_cli():
 
 
 @pytest.mark.parametrize("layer,allowed", [
-    ("kernels", ("torch", "triton", "numpy", "vla_rft_engine.kernels")),
+    ("kernels", ("torch", "triton", "numpy", "vla_rft_engine.kernels", "vla_rft_engine._attn_cpu")),
     ("engine", ("torch", "vla_rft_engine.kernels", "vla_rft_engine.engine")),
     ("models", ("torch", "numpy", "transformers", "safetensors", "yaml", "vla_rft_engine.models",
                 "vla_rft_engine.engine", "vla_rft_engine.kernels", "vla_rft_engine.ops", "vla_rft_engine.layout",

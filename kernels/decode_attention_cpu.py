@@ -1,0 +1,49 @@
+"""Single-token decode attention on the CPU: each row's one query over its group's prompt prefix and its own suffix.
+
+    out = decode_attention_cpu(q, pk, pv, plens, sk, sv, S)
+q (B, H, D); prefix caches pk/pv (G, Hkv, P, D), read for slots [0, plens[g]) by the B/G rows of group g; suffix
+caches sk/sv (B, Hkv, Smax, D), slots [0, S) of each row; returns (B, H, D). GQA when H > Hkv.
+
+fp32 runs the C++ loop (csrc/decode_attention_cpu.cpp, module vla_rft_engine._attn_cpu): matrix-vector products
+read the suffix K/V once at memory speed, where batched matmuls over (row, head) pairs reach about half of it
+(bench/cpu_inference.py). Other dtypes, or a build without the extension, run `decode_attention_cpu_reference`:
+the prefix scored once per group with the N rows' queries stacked, fp32 softmax, as WorldModel.hidden computes.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from vla_rft_engine import _attn_cpu as _ext  # type: ignore[attr-defined]  # compiled, no stub
+except ImportError:  # not built (e.g. torch was missing at install time): the reference runs instead
+    _ext = None
+
+
+def extension_available() -> bool:
+    return _ext is not None
+
+
+def decode_attention_cpu_reference(q, pk, pv, plens, sk, sv, S: int) -> torch.Tensor:
+    B, H, D = q.shape
+    G, HKV, P, _ = pk.shape
+    N, rep = B // G, H // HKV
+    qg = q.reshape(G, N, HKV, rep, D).transpose(1, 2).reshape(G, HKV, N * rep, D)
+    sp = torch.matmul(qg, pk.transpose(-1, -2))  # (G, HKV, N*rep, P): the prompt read once per group
+    pad = torch.arange(P)[None, :] >= plens.cpu()[:, None]  # (G, P)
+    if bool(pad.any()):
+        sp = sp.masked_fill(pad.to(sp.device)[:, None, None], float("-inf"))
+    ss = torch.matmul(q.reshape(B, HKV, rep, D), sk[:, :, :S].transpose(-1, -2))  # (B, HKV, rep, S)
+    sp = sp.view(G, HKV, N, rep, P).transpose(1, 2).reshape(B, HKV, rep, P)
+    prob = torch.cat([sp, ss], -1).float().mul_(D ** -0.5).softmax(-1).to(q.dtype)
+    out = torch.matmul(prob[..., P:], sv[:, :, :S])  # (B, HKV, rep, D)
+    pp = prob[..., :P].reshape(G, N, HKV, rep, P).transpose(1, 2).reshape(G, HKV, N * rep, P)
+    out += torch.matmul(pp, pv).view(G, HKV, N, rep, D).transpose(1, 2).reshape(B, HKV, rep, D)
+    return out.view(B, H, D)
+
+
+def decode_attention_cpu(q, pk, pv, plens, sk, sv, S: int) -> torch.Tensor:
+    """See the module docstring. plens: (G,) int64 on the CPU (host lengths; no device sync needed)."""
+    if _ext is not None and q.dtype == torch.float32 and q.device.type == "cpu" and all(
+            t.is_contiguous() for t in (pk, pv, sk, sv)):
+        return _ext.decode_attention(q.contiguous(), pk, pv, plens, sk, sv, S)
+    return decode_attention_cpu_reference(q, pk, pv, plens, sk, sv, S)

@@ -1,0 +1,94 @@
+"""kernels/decode_attention_cpu.py: the C++ loop and the torch reference, each against attention written out per
+(row, head) with torch's scaled_dot_product_attention over [the group's valid prefix | the row's filled suffix]."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vla_rft_engine.kernels.decode_attention_cpu import (decode_attention_cpu, decode_attention_cpu_reference,
+                                                         extension_available)
+
+needs_ext = pytest.mark.skipif(not extension_available(), reason="vla_rft_engine._attn_cpu not built")
+
+# G, N, H, Hkv, D, P, Smax, S, ragged prefix lengths (None = all P)
+SHAPES = [
+    (2, 17, 4, 4, 64, 40, 30, 30, None),  # the CPU RFT layout (rep 1), every suffix slot filled
+    (2, 3, 4, 4, 64, 33, 50, 1, [33, 20]),  # first decode step, ragged prompts
+    (1, 5, 8, 2, 128, 17, 23, 13, None),  # GQA rep 4, D = 128
+    (3, 2, 6, 3, 32, 9, 11, 7, [9, 1, 4]),  # D without a specialisation (runtime D), rep 2, a 1-token prompt
+    (2, 4, 2, 1, 48, 6, 9, 9, [0, 6]),  # a group with no prefix at all
+]
+
+
+def _naive(q, pk, pv, plens, sk, sv, S):
+    B, H, D = q.shape
+    G, HKV = pk.shape[:2]
+    out = torch.empty(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        g = b // (B // G)
+        for h in range(H):
+            kh = h // (H // HKV)
+            k = torch.cat([pk[g, kh, :plens[g]], sk[b, kh, :S]]).double()
+            v = torch.cat([pv[g, kh, :plens[g]], sv[b, kh, :S]]).double()
+            out[b, h] = F.scaled_dot_product_attention(q[b, h][None].double(), k, v)[0]
+    return out
+
+
+def _inputs(G, N, H, HKV, D, P, Smax, ragged, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = G * N
+    q = torch.randn(B, H, D, generator=g)
+    pk, pv = torch.randn(2, G, HKV, P, D, generator=g) * 1.5
+    sk, sv = torch.randn(2, B, HKV, Smax, D, generator=g) * 1.5
+    plens = torch.tensor(ragged if ragged is not None else [P] * G, dtype=torch.int64)
+    return [t.to(dtype) for t in (q, pk, pv)] + [plens] + [t.to(dtype) for t in (sk, sv)]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpp_matches_sdpa_per_row(shape):
+    *dims, S, ragged = shape
+    q, pk, pv, plens, sk, sv = _inputs(*dims, ragged, torch.float32)
+    got = decode_attention_cpu(q, pk, pv, plens, sk, sv, S)
+    assert got.shape == q.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _naive(q, pk, pv, plens, sk, sv, S), atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_sdpa_per_row(shape, dtype):
+    *dims, S, ragged = shape
+    q, pk, pv, plens, sk, sv = _inputs(*dims, ragged, dtype)
+    got = decode_attention_cpu_reference(q, pk, pv, plens, sk, sv, S)
+    tol = dict(atol=2e-6, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.double(), _naive(q, pk, pv, plens, sk, sv, S), **tol)
+
+
+@needs_ext
+def test_cpp_reads_only_the_valid_slots():
+    """Prefix padding and suffix slots past S hold NaN: a read of either would poison the output."""
+    q, pk, pv, plens, sk, sv = _inputs(2, 3, 4, 2, 64, 12, 20, [12, 5], torch.float32)
+    ref = decode_attention_cpu(q, pk, pv, plens, sk, sv, 9)
+    pk[1, :, 5:], pv[1, :, 5:] = float("nan"), float("nan")
+    sk[:, :, 9:], sv[:, :, 9:] = float("nan"), float("nan")
+    got = decode_attention_cpu(q, pk, pv, plens, sk, sv, 9)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+@needs_ext
+def test_cpp_takes_strided_queries_and_refuses_bad_input():
+    q, pk, pv, plens, sk, sv = _inputs(1, 2, 4, 4, 64, 8, 10, None, torch.float32)
+    wide = torch.cat([q, torch.randn_like(q)], 1)[:, :4]  # a non-contiguous view, as the decoder passes it
+    torch.testing.assert_close(decode_attention_cpu(wide, pk, pv, plens, sk, sv, 10),
+                               decode_attention_cpu(q, pk, pv, plens, sk, sv, 10), atol=0, rtol=0)
+    from vla_rft_engine.kernels import decode_attention_cpu as mod
+    with pytest.raises(RuntimeError, match="S must be in"):
+        mod._ext.decode_attention(q, pk, pv, plens, sk, sv, 11)
+    with pytest.raises(RuntimeError, match="plens must be in"):
+        mod._ext.decode_attention(q, pk, pv, torch.tensor([9]), sk, sv, 3)
+
+
+def test_low_precision_takes_the_reference():
+    q, pk, pv, plens, sk, sv = _inputs(2, 3, 4, 2, 64, 10, 12, [10, 4], torch.bfloat16)
+    torch.testing.assert_close(decode_attention_cpu(q, pk, pv, plens, sk, sv, 7),
+                               decode_attention_cpu_reference(q, pk, pv, plens, sk, sv, 7), atol=0, rtol=0)
