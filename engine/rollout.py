@@ -23,8 +23,10 @@ for a model trained with action dropout). The twins share the group's prefix and
 are drawn from (1 + w) * logits_cond - w * logits_uncond, which amplifies what the actions change. 2x rows.
 
 Per frame: F-1 single-token decode steps, then one (1 + A)-token step feeding the frame's last token
-and the next action together. The loop never reads device values on the host; on CUDA the single-token
-step runs as a captured CUDA graph. The LM head is evaluated over the dynamics-code rows only.
+and the next action together. Each token's work (sampling, the writes, the model step it feeds) is a program
+over static buffers (engine/token_step.py); the loop never reads device values on the host, and on CUDA each
+token is one CUDA-graph replay, the frame-end + action step included. The LM head is evaluated over the
+dynamics-code rows only.
 On the CPU (eager/sdpa backends) decode steps run through engine/cpu_decode.py (cpu_fast=False: the
 generic path) and sampling through kernels/sampling.sample_cpu (same tokens as the sort-based reference).
 """
@@ -38,6 +40,7 @@ from .nvtx import nvtx_range
 
 from .attention import resolve_backend
 from .kv_cache import RolloutCache
+from .token_step import TokenStep
 
 
 def _check_inputs(wm, prompt_ids, action_ids, tokens_per_frame, num_samples, prompt_lengths, max_seq_len,
@@ -116,49 +119,15 @@ def _sampler(backend, device, logprob: bool):
     return sample_reference
 
 
-class _Stepper:
-    """Runs wm on a suffix chunk against the cache; the single-token step may be CUDA-graph captured."""
+def _generic_forward(wm, cache: RolloutCache) -> Callable[[torch.Tensor], torch.Tensor]:
+    """wm on a suffix chunk against the cache -> dynamics-code logits of its last token (graph-safe on CUDA)."""
+    head = wm.output.weight[:wm.config.num_codes]  # only dynamics-code logits are ever sampled
 
-    def __init__(self, wm, cache: RolloutCache, use_graph: bool):
-        self.wm, self.cache, self.graph = wm, cache, None
-        self.head = wm.output.weight[:wm.config.num_codes]  # only dynamics-code logits are ever sampled
-        if use_graph:
-            self._capture()
-
-    def _forward(self, ids):
-        h = self.wm.hidden(ids, self.cache.row_positions(ids.shape[1]), self.cache)[:, -1]
-        self.cache.advance(ids.shape[1])
-        return torch.nn.functional.linear(h, self.head)
-
-    def _capture(self):
-        c = self.cache
-        B = c.groups * c.samples
-        self.static_ids = torch.zeros((B, 1), dtype=torch.int64, device=c.s0.device)
-        s0_save, host_save = c.s0.clone(), c.s0_host
-        carry_save = None if c.action_carry is None else [t.clone() for t in c.action_carry]
-        c.s0_host = None  # no host-side slicing inside the graph
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm up (Triton autotune/compile) off the capture
-                self._forward(self.static_ids)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = self._forward(self.static_ids)
-        c.s0.copy_(s0_save)
-        for t, saved in zip(c.action_carry or (), carry_save or ()):
-            t.copy_(saved)
-        c.s0_host = host_save  # warm-up wrote garbage into suffix slots that later steps overwrite
-
-    def __call__(self, ids):
-        if self.graph is not None and ids.shape[1] == 1:
-            self.static_ids.copy_(ids)
-            self.graph.replay()  # advances c.s0 on device
-            if self.cache.s0_host is not None:
-                self.cache.s0_host += 1
-            return self.static_logits
-        return self._forward(ids)
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        h = wm.hidden(ids, cache.row_positions(ids.shape[1]), cache)[:, -1]
+        cache.advance(ids.shape[1])
+        return torch.nn.functional.linear(h, head)
+    return forward
 
 
 class _Clock:
@@ -187,7 +156,8 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
             row_prompt_ids: torch.Tensor | None = None, guidance: float = 0.0,
             uncond_row_prompt_ids: torch.Tensor | None = None, uncond_action_ids: torch.Tensor | None = None):
     """See the module docstring. `timings` (a dict) receives seconds per phase: prefill_s, sample_s (noise +
-    sampling), decode_s (single-token steps), action_s (frame-end + action steps), setup_s."""
+    sampling), decode_s (single-token steps), action_s (frame-end + action steps), setup_s (CUDA-graph capture
+    included). Under CUDA graphs sampling runs inside the replays, so it is counted in decode_s / action_s."""
     cfg = wm.config
     if not guidance >= 0:
         raise ValueError(f"guidance must be >= 0 (0 = off), got {guidance}")
@@ -231,46 +201,44 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
         raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
     if cpu_fast is None:
         cpu_fast = dev.type == "cpu" and backend in ("eager", "sdpa")
-    step: Callable[[torch.Tensor], torch.Tensor]  # the decode step: CpuDecoder or _Stepper
+    if cpu_fast and dev.type != "cpu":
+        raise ValueError("cpu_fast=True is the CPU decode path; the model is on " + str(dev))
+    step: Callable[[torch.Tensor], torch.Tensor]  # a model step on a chunk: CpuDecoder or the generic one
     if cpu_fast:
         from .cpu_decode import CpuDecoder
         step = CpuDecoder(wm, cache, G, NR, lens)
     else:
-        step = _Stepper(wm, cache, use_cuda_graph)
-    greedy = temperature == 0
-    finite = torch.ones((), dtype=torch.bool, device=dev)  # all logits finite so far: checked once, at the end
-    from vla_rft_engine.kernels.sampling import gumbel_noise
-    noise_buf = None if greedy else torch.empty((B, cfg.num_codes), device=dev)
+        step = _generic_forward(wm, cache)
     clock.lap("setup_s")
     if row_prompt_ids is not None:  # each sample's own prompt end (its a_0), one chunk into its suffix
         with nvtx_range("wm.row_prompt"):
             logits = step(row_prompt_ids.to(dev))
         clock.lap("prefill_s")
+    prog = TokenStep(step, sample, logits, tokens, logps, groups=G, samples=N, temperature=temperature, top_k=top_k,
+                     top_p=top_p, guidance=guidance, first_action=acts[:, 0] if T > 1 else None, clock=clock)
+    if use_cuda_graph:
+        with nvtx_range("wm.capture"):
+            prog.capture(cache, decode=F > 1)
+        clock.lap("setup_s")
     for t in range(T):
         with nvtx_range(f"wm.frame{t}"):
             for f in range(F):
-                noise = None
-                if not greedy:  # same generator stream as a fresh draw per step
-                    noise = gumbel_noise((B, cfg.num_codes), generator=generator, device=dev, out=noise_buf)
-                if guided:
-                    lc, lu = logits.view(G, 2, N, -1).unbind(1)
-                    logits = torch.lerp(lu, lc, 1.0 + guidance).reshape(B, -1)  # lc + w (lc - lu)
-                finite &= torch.isfinite(logits).all()  # a device flag: no host sync inside the loop
-                tok, lp = sample(logits, noise, temperature, top_k, top_p)
-                tokens[:, t, f] = tok
-                if logps is not None:
-                    logps[:, t, f] = lp
-                clock.lap("sample_s")
-                if guided:  # both twins continue from the same token
-                    tok = tok.view(G, 1, N).expand(G, 2, N).reshape(-1)
+                if prog.u is not None:  # the generator's stream, as a fresh draw per step
+                    torch.rand(prog.u.shape, generator=generator, device=dev, out=prog.u)
                 if f < F - 1:
-                    logits = step(tok[:, None])
-                    clock.lap("decode_s")
+                    prog.decode()
+                    if prog.static:
+                        clock.lap("decode_s")  # sampling included: it is inside the graph
                 elif t < T - 1:
                     with nvtx_range("wm.action_prefill"):
-                        logits = step(torch.cat([tok[:, None], acts[:, t]], 1))
-                    clock.lap("action_s")
-    if not bool(finite):
+                        prog.action(acts[:, t])
+                    if prog.static:
+                        clock.lap("action_s")
+                else:
+                    prog.last()
+                    if prog.static:
+                        clock.lap("sample_s")
+    if not bool(prog.finite):  # the one host read of the rollout
         raise FloatingPointError("the world model produced NaN/Inf logits during the rollout, so its frames are "
                                  "meaningless; the checkpoint is corrupt or was saved from a diverged run")
     return (tokens, logps) if return_logprobs else tokens

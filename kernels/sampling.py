@@ -17,8 +17,12 @@ import torch
 
 def gumbel_noise(shape, generator=None, device=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """-log(-log(u)); with `out` the draw is written in place (same values, same generator stream)."""
-    u = torch.rand(shape, generator=generator, device=device, out=out).clamp_(1e-10, 1.0 - 1e-7)
-    return u.log_().neg_().log_().neg_()
+    return gumbel_from_uniform_(torch.rand(shape, generator=generator, device=device, out=out))
+
+
+def gumbel_from_uniform_(u: torch.Tensor) -> torch.Tensor:
+    """-log(-log(u)) in place, u clamped away from 0 and 1 first (the rollout draws u itself, outside its graphs)."""
+    return u.clamp_(1e-10, 1.0 - 1e-7).log_().neg_().log_().neg_()
 
 
 def sample_reference(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0):

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.append(str(REPO))  # last: kernels/ must not shadow PyPI kernels
+
+
+@pytest.fixture(autouse=True)
+def _repo_on_path(monkeypatch):
+    """`bench` is a folder of the checkout, not a package: put the root on sys.path, last (kernels/ must not
+    shadow PyPI kernels), for each test (the CLI, run by other tests, drops a checkout root from sys.path)."""
+    if str(REPO) not in sys.path:
+        monkeypatch.setattr(sys, "path", [*sys.path, str(REPO)])
 
 
 def _record(capsys):

@@ -63,14 +63,79 @@ def test_cuda_graph_request_on_cpu_is_an_error():
         wm.rollout(*_inputs(), tokens_per_frame=2, use_cuda_graph=True)
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_p=0.8, top_k=40, return_logprobs=True),
+                                dict(top_p=0.9, guidance=1.5)])
+def test_token_programs_read_nothing_on_the_host(monkeypatch, kw):
+    """What capturing them as CUDA graphs needs, checked on the CPU: the decode and action programs (sampling,
+    the writes, the generic model step) never turn a tensor into a Python value, and give the tokens of the
+    CPU decode path."""
+    from vla_rft_engine.engine import token_step
+    wm = _wm(attn_backend="eager")
+    prompt, acts = _inputs(T=3)
+    a0 = torch.randint(8750, 9006, (6, 7), generator=torch.Generator().manual_seed(1))
+    extra = dict(uncond_row_prompt_ids=a0.flip(0), uncond_action_ids=acts.flip(0)) if kw.get("guidance") else {}
+
+    def run(fast):
+        return wm.rollout(prompt, acts, tokens_per_frame=5, num_samples=3, row_prompt_ids=a0, cpu_fast=fast,
+                          generator=torch.Generator().manual_seed(3), **kw, **extra)
+    fast = run(True)
+
+    def boom(*a, **k):
+        raise AssertionError("a host read inside a token program")
+    for name in ("_decode", "_action"):
+        program = getattr(token_step.TokenStep, name)
+
+        def guarded(self, program=program):
+            with monkeypatch.context() as m:
+                for attr in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+                    m.setattr(torch.Tensor, attr, boom)
+                program(self)
+        monkeypatch.setattr(token_step.TokenStep, name, guarded)
+    from vla_rft_engine.engine import rollout as rollout_mod
+    from vla_rft_engine.kernels.sampling import sample_reference  # the CPU sampler checks on the host; this one not
+    monkeypatch.setattr(rollout_mod, "_sampler", lambda backend, device, logprob: sample_reference)
+    generic_forward = rollout_mod._generic_forward
+
+    def without_host_mirror(wm, cache):  # as under capture: attention takes the fill level from the device only
+        forward = generic_forward(wm, cache)
+
+        def step(ids):
+            cache.s0_host = None
+            return forward(ids)
+        return step
+    monkeypatch.setattr(rollout_mod, "_generic_forward", without_host_mirror)
+    generic = run(False)
+    if kw.get("return_logprobs"):
+        assert torch.equal(fast[0], generic[0])
+        torch.testing.assert_close(fast[1], generic[1], atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(fast, generic)
+
+
 @cuda_only()
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_cuda_graph_decode_matches_eager(backend):
-    wm = _wm(attn_backend=backend).cuda()
-    prompt, acts = (t.cuda() for t in _inputs())
-    eager = wm.rollout(prompt, acts, tokens_per_frame=8, num_samples=3, temperature=0, use_cuda_graph=False)
-    graph = wm.rollout(prompt, acts, tokens_per_frame=8, num_samples=3, temperature=0, use_cuda_graph=True)
-    assert torch.equal(eager, graph)
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_p=0.8, return_logprobs=True),
+                                dict(top_p=0.9, top_k=40, temperature=1.2, guidance=1.5)])
+@pytest.mark.parametrize("T,F,action_cond", [(3, 5, False), (3, 5, True), (2, 4, False), (2, 1, True), (1, 1, False),
+                                             (1, 2, False)])
+def test_cuda_graph_rollout_matches_eager(backend, kw, T, F, action_cond):
+    """Each token as one graph replay (sampling, the writes, the model step, the frame-end + action step too) gives
+    the eager programs' tokens and log-probs: the same generator stream, the same code. Short rollouts too, where
+    the warm-up before capture must not run past the suffix."""
+    wm = _wm(attn_backend=backend, action_cond=action_cond).cuda()
+    prompt, acts = (t.cuda() for t in _inputs(T=T))
+    a0 = torch.randint(8750, 9006, (6, 7), generator=torch.Generator().manual_seed(1)).cuda()  # each row's own a_0
+    extra = dict(uncond_row_prompt_ids=a0.flip(0), uncond_action_ids=acts.flip(0)) if kw.get("guidance") else {}
+
+    def run(graph):
+        return wm.rollout(prompt, acts, tokens_per_frame=F, num_samples=3, row_prompt_ids=a0, use_cuda_graph=graph,
+                          generator=torch.Generator(device="cuda").manual_seed(3), **kw, **extra)
+    eager, graph = run(False), run(True)
+    if kw.get("return_logprobs"):
+        assert torch.equal(eager[0], graph[0])
+        torch.testing.assert_close(eager[1], graph[1], atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(eager, graph)
 
 
 def test_fused_weights_same_logits_and_track_updates():
