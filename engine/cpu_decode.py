@@ -6,8 +6,8 @@ overhead and needless passes over the scores matter as much as the matmuls. Here
   - rotary tables are built once per rollout for every suffix slot of every group and sliced per step;
   - rotary results are written into preallocated buffers, K straight from there into its cache slot;
   - single-token attention is kernels/decode_attention_cpu.py: one query per (row, head), so matrix-vector
-    loops in C++ that read the suffix K/V once at memory speed (no mask: every filled suffix slot is visible,
-    the ragged prefix is cut at each group's length); the prefix is shared by the group's rows;
+    loops in C++ that read the suffix K/V once (no mask: every filled suffix slot is visible, the ragged
+    prefix is cut at each group's length); the prefix is shared by the group's rows;
   - the LM head runs over the dynamics-code rows of the last position only;
   - in fp32 with MKL, the qkv, gate/up and head weights are pre-packed once per rollout for the B-row GEMM (B >= 4)
     (torch.ops.mkl._mkl_linear: the same product as torch.mm bit for bit, without re-packing each weight on
@@ -86,7 +86,7 @@ class CpuDecoder:
         return torch.mm(x, w.t())
 
     @staticmethod
-    def _residual(x, y, w):  # wo and w2: the residual add rides in the GEMM (the packed op has no such form)
+    def _residual(x, y, w):  # wo and w2 (not packed: the packed op has no fused residual add)
         if x.dtype == torch.float32:  # the add rides in the GEMM epilogue
             return x.addmm_(y, w.t())  # x is always this step's own tensor
         return x + torch.mm(y, w.t())  # low precision: round the product first, as the module does
