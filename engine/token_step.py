@@ -13,6 +13,7 @@ random stream is the one a fresh draw per step gives, and no generator state is 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -114,19 +115,32 @@ class TokenStep:
             for t, s in zip(live, saved):
                 t.copy_(s)
         names = ([("decode", self._decode)] if decode else []) + ([("action", self._action)] if self.acts is not None else [])
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with _side_stream():
             for _ in range(2):
                 for _, fn in names:
                     fn()
                     restore()
-        torch.cuda.current_stream().wait_stream(side)
         pool = None
         for name, fn in names:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                fn()
+            self.graphs[name] = g = _record(fn, pool)
             pool = g.pool()
             restore()
-            self.graphs[name] = g
+
+
+@contextlib.contextmanager
+def _side_stream():
+    """Warm-up before capture runs on a side stream, joined after (PyTorch's capture recipe)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _record(fn: Callable[[], None], pool):
+    """fn's kernels as a CUDA graph (recorded, not run). The one place that captures: tests swap it for a
+    stand-in that re-runs fn on replay, to run the capture path's bookkeeping on the CPU."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        fn()
+    return g

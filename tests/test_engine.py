@@ -112,6 +112,55 @@ def test_token_programs_read_nothing_on_the_host(monkeypatch, kw):
         assert torch.equal(fast, generic)
 
 
+@pytest.mark.parametrize("T,F,action_cond,kw", [(3, 5, False, dict(top_p=0.8, return_logprobs=True)),
+                                                (3, 5, True, dict(temperature=0)), (2, 1, True, dict(top_p=0.9)),
+                                                (2, 4, False, dict(top_p=0.9, top_k=40, guidance=1.5)),
+                                                (1, 2, False, dict(temperature=0)), (1, 1, False, dict(top_p=0.9))])
+def test_capture_bookkeeping_runs_on_the_cpu(monkeypatch, T, F, action_cond, kw):
+    """The capture path on the CPU, with a stand-in graph that re-runs its program on replay: the warm-up and its
+    restores, the fixed logits buffer, the actions copied in, no host mirror of the fill level. It gives the
+    eager rollout's tokens; short rollouts included (a warm-up that ran past the suffix fails here)."""
+    import contextlib
+
+    from vla_rft_engine.engine import rollout as rollout_mod
+    from vla_rft_engine.engine import token_step
+    wm = _wm(attn_backend="eager", action_cond=action_cond)
+    prompt, acts = _inputs(T=T)
+    a0 = torch.randint(8750, 9006, (6, 7), generator=torch.Generator().manual_seed(1))
+    extra = dict(uncond_row_prompt_ids=a0.flip(0), uncond_action_ids=acts.flip(0)) if kw.get("guidance") else {}
+
+    def run():
+        return wm.rollout(prompt, acts, tokens_per_frame=F, num_samples=3, row_prompt_ids=a0, cpu_fast=False,
+                          generator=torch.Generator().manual_seed(3), **kw, **extra)
+    eager = run()
+
+    class Replay:
+        def __init__(self, fn):
+            self.replay = fn
+
+        def pool(self):
+            return None
+    monkeypatch.setattr(token_step, "_record", lambda fn, pool: Replay(fn))
+    monkeypatch.setattr(token_step, "_side_stream", contextlib.nullcontext)
+    caches, programs = [], []
+    generic_forward, init = rollout_mod._generic_forward, token_step.TokenStep.__init__
+    monkeypatch.setattr(rollout_mod, "_generic_forward", lambda wm, cache: caches.append(cache) or generic_forward(wm, cache))
+
+    def init_and_capture(self, *a, **k):
+        init(self, *a, **k)
+        self.capture(caches[-1], decode=F > 1)
+        programs.append(self)
+    monkeypatch.setattr(token_step.TokenStep, "__init__", init_and_capture)
+    captured = run()
+    assert programs[0].static and set(programs[0].graphs) == {n for n, on in (("decode", F > 1), ("action", T > 1)) if on}
+    assert caches[0].s0_host is None and int(caches[0].s0) == caches[0].suffix_len - 1  # all but the last token fed
+    if kw.get("return_logprobs"):
+        assert torch.equal(eager[0], captured[0])
+        torch.testing.assert_close(eager[1], captured[1], atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(eager, captured)
+
+
 @cuda_only()
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_p=0.8, return_logprobs=True),
