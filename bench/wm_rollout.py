@@ -8,7 +8,7 @@ Sides (every one rolls out the same G x N rows; each baseline row carries its ow
   ours                 engine/rollout.py with the model's default attn_backend ("auto": triton on CUDA, the CPU
                        decode path on the CPU): ctx + dyn0 prefilled once per group, each row's own a_0 after it.
   hf_kv_cached         transformers, KV cache kept across frames: one prefill per row, one token per step, the
-                       frame's last token + next action as one step (engine/hf_protocol.py): what a competent user
+                       frame's last token + next action as one step (bench/hf_protocol.py): what a competent user
                        writes.
   hf_static_compiled   (CUDA) hf_kv_cached with a StaticCache and torch.compile(mode="reduce-overhead") on the
                        single-token step; --no-compile drops it.
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     from transformers import LlamaForCausalLM
 
     from vla_rft_engine.engine.attention import resolve_backend
-    from vla_rft_engine.engine.hf_protocol import hf_frame_by_frame, hf_kv_cached
+    from bench.hf_protocol import hf_frame_by_frame, hf_kv_cached
     from vla_rft_engine.engine.rollout import rollout as engine_rollout
     from vla_rft_engine.models.world_model import WorldModel, WorldModelConfig, init_weights
     from vla_rft_engine.utils import nvtx_range

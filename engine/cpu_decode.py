@@ -9,9 +9,9 @@ overhead and needless passes over the scores matter as much as the matmuls. Here
     loops in C++ that read the suffix K/V once (no mask: every filled suffix slot is visible, the ragged
     prefix is cut at each group's length); the prefix is shared by the group's rows;
   - the LM head runs over the dynamics-code rows of the last position only;
-  - in fp32 with MKL, the qkv, gate/up and head weights are pre-packed once per rollout for the B-row GEMM (B >= 4)
-    (torch.ops.mkl._mkl_linear: the same product as torch.mm bit for bit, without re-packing each weight on
-    every step, which costs most where the step's K/V reads have evicted it from cache).
+  - in fp32 with MKL, the qkv, gate/up and head weights are pre-packed once per rollout for the B-row GEMM
+    (B >= 4; torch.ops.mkl._mkl_linear, the same product as torch.mm bit for bit at the tested 4-68 rows): no
+    re-packing of each weight on every step, which costs most where the K/V reads have evicted it from cache.
 Chunks of more than one token (frame end + action) take the generic cached-attention path.
 Math follows WorldModel.hidden op for op (HF RMSNorm order, rotate_half rotary, fp32 softmax).
 """

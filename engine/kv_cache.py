@@ -28,7 +28,7 @@ class RolloutCache:
         self.backend = resolve_backend(backend or cfg.attn_backend, device)
         self.prefix_lens = torch.full((groups,), prefix_len, dtype=torch.int64, device=device)
         self.s0 = torch.zeros((), dtype=torch.int64, device=device)  # suffix slots filled
-        self.s0_host: int | None = 0  # host mirror for slicing on eager paths; None under graph capture
+        self.s0_host: int | None = 0  # host mirror for slicing on eager paths; None from capture on
         self.mode = "prefill"
         self.action_carry: tuple | None = None  # per-row model state across chunks (WorldModel.embed, action_cond)
 

@@ -6,8 +6,10 @@ caches sk/sv (B, Hkv, Smax, D), slots [0, S) of each row; returns (B, H, D). GQA
 
 fp32 runs the C++ loop (csrc/decode_attention_cpu.cpp, module vla_rft_engine._attn_cpu): matrix-vector products
 that read the suffix K/V once, 1.6-1.8x faster than batched matmuls over the (row, head) pairs
-(bench/results/cpu_inference_cpu.json). Other dtypes, or a build without the extension, run `decode_attention_cpu_reference`:
-the prefix scored once per group with the N rows' queries stacked, fp32 softmax, as WorldModel.hidden computes.
+(bench/results/cpu_inference_cpu.json). Other dtypes, non-contiguous caches (the engine's never are), or a build
+without the extension run `decode_attention_cpu_reference`: the prefix scored once per group with the N rows'
+queries stacked, fp32 softmax, as WorldModel.hidden computes. Prefix padding slots must hold finite values (the
+cache starts at zeros): the reference multiplies them by probability 0, the C++ loop skips them.
 """
 from __future__ import annotations
 

@@ -63,14 +63,15 @@ def test_cuda_graph_request_on_cpu_is_an_error():
         wm.rollout(*_inputs(), tokens_per_frame=2, use_cuda_graph=True)
 
 
+@pytest.mark.parametrize("action_cond", [False, True])
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_p=0.8, top_k=40, return_logprobs=True),
                                 dict(top_p=0.9, guidance=1.5)])
-def test_token_programs_read_nothing_on_the_host(monkeypatch, kw):
+def test_token_programs_read_nothing_on_the_host(monkeypatch, kw, action_cond):
     """What capturing them as CUDA graphs needs, checked on the CPU: the decode and action programs (sampling,
     the writes, the generic model step) never turn a tensor into a Python value, and give the tokens of the
     CPU decode path."""
     from vla_rft_engine.engine import token_step
-    wm = _wm(attn_backend="eager")
+    wm = _wm(attn_backend="eager", action_cond=action_cond)
     prompt, acts = _inputs(T=3)
     a0 = torch.randint(8750, 9006, (6, 7), generator=torch.Generator().manual_seed(1))
     extra = dict(uncond_row_prompt_ids=a0.flip(0), uncond_action_ids=acts.flip(0)) if kw.get("guidance") else {}
@@ -206,7 +207,7 @@ def test_fused_weights_same_logits_and_track_updates():
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch built without MKL: torch.mm runs instead")
-@pytest.mark.parametrize("rows", [4, 34])
+@pytest.mark.parametrize("rows", [4, 34, 68])
 def test_cpu_decode_packed_weights_give_torch_mm_bit_for_bit(rows):
     """The decode step's pre-packed MKL GEMM is on for fp32 B >= 4 and returns torch.mm's product exactly; fewer
     rows (where torch.mm takes a kernel that rounds differently) and other dtypes keep torch.mm."""

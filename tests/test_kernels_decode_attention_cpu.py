@@ -16,6 +16,7 @@ SHAPES = [
     (1, 5, 8, 2, 128, 17, 23, 13, None),  # GQA rep 4, D = 128
     (3, 2, 6, 3, 32, 9, 11, 7, [9, 1, 4]),  # D without a specialisation (runtime D), rep 2, a 1-token prompt
     (2, 4, 2, 1, 48, 6, 9, 9, [0, 6]),  # a group with no prefix at all
+    (4, 9, 4, 2, 16, 21, 19, 6, None),  # the quickstart's tiny world model (D = 16, rep 2)
 ]
 
 
@@ -48,8 +49,10 @@ def _inputs(G, N, H, HKV, D, P, Smax, ragged, dtype, seed=0):
 def test_cpp_matches_sdpa_per_row(shape):
     *dims, S, ragged = shape
     q, pk, pv, plens, sk, sv = _inputs(*dims, ragged, torch.float32)
-    got = decode_attention_cpu(q, pk, pv, plens, sk, sv, S)
+    from vla_rft_engine.kernels import decode_attention_cpu as mod
+    got = mod._ext.decode_attention(q, pk, pv, plens, sk, sv, S)  # the C++ op itself, not the launcher
     assert got.shape == q.shape and got.dtype == torch.float32
+    torch.testing.assert_close(decode_attention_cpu(q, pk, pv, plens, sk, sv, S), got, atol=0, rtol=0)
     torch.testing.assert_close(got.double(), _naive(q, pk, pv, plens, sk, sv, S), atol=2e-6, rtol=2e-5)
 
 
@@ -82,10 +85,14 @@ def test_cpp_takes_strided_queries_and_refuses_bad_input():
     torch.testing.assert_close(decode_attention_cpu(wide, pk, pv, plens, sk, sv, 10),
                                decode_attention_cpu(q, pk, pv, plens, sk, sv, 10), atol=0, rtol=0)
     from vla_rft_engine.kernels import decode_attention_cpu as mod
-    with pytest.raises(RuntimeError, match="S must be in"):
+    with pytest.raises(RuntimeError, match=r"S must be in \[1, Smax = 10\], got 11"):
         mod._ext.decode_attention(q, pk, pv, plens, sk, sv, 11)
-    with pytest.raises(RuntimeError, match="plens must be in"):
+    with pytest.raises(RuntimeError, match=r"plens must be in \[0, P = 8\], got 9"):
         mod._ext.decode_attention(q, pk, pv, torch.tensor([9]), sk, sv, 3)
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        mod._ext.decode_attention(q.double(), pk, pv, plens, sk, sv, 3)
+    with pytest.raises(RuntimeError, match="shapes do not agree"):
+        mod._ext.decode_attention(q[:, :3].contiguous(), pk, pv, plens, sk, sv, 3)
 
 
 def test_low_precision_takes_the_reference():

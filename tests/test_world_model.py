@@ -1,12 +1,16 @@
 """WorldModel vs transformers' LlamaForCausalLM on a tiny random checkpoint (vocab 9008): logits, the
 authors' per-frame generate protocol, seeding, group sharing, ragged prompts, save/load, clear errors."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from vla_rft_engine.engine.attention import has_triton, resolve_backend
-from vla_rft_engine.engine.hf_protocol import hf_frame_by_frame, hf_kv_cached
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: kernels/ must not shadow PyPI kernels
+from bench.hf_protocol import hf_frame_by_frame, hf_kv_cached  # noqa: E402
 from vla_rft_engine.models.world_model import WorldModel, WorldModelConfig
 
 transformers = pytest.importorskip("transformers")

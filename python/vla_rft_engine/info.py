@@ -22,8 +22,8 @@ def backends() -> dict[str, tuple[bool, str]]:
     out: dict[str, tuple[bool, str]] = {}
     from .ops.vq_decode import extension_available
     out["vq_decode C++ (CPU)"] = extension_available()
-    ok, why = _module("vla_rft_engine._attn_cpu")
-    out["decode attention C++ (CPU)"] = (ok, "built" if ok else f"not built ({why}): batched matmuls run instead")
+    from .kernels.decode_attention_cpu import extension_available as attn_built
+    out["decode attention C++ (CPU)"] = (attn_built(), "built" if attn_built() else "not built: batched matmuls run instead")
     ok, why = _module("vla_rft_engine._vq_cuda")
     out["vq_decode CUDA"] = (ok and cuda, "built, CUDA device present" if ok and cuda else
                              ("built, but no CUDA device" if ok else f"not built ({why})"))

@@ -262,9 +262,10 @@ class WorldModel(nn.Module):
             return x
         # carry: (last A ids, features, has, the features' projection where a block has ended (B, dim), else 0)
         carry = getattr(cache, "action_carry", None)
-        if (carry is not None and ids.device.type == "cpu" and ids.shape[1] == 1
+        if (carry is not None and ids.device.type == "cpu" and getattr(cache, "s0_host", 0) is not None and ids.shape[1] == 1
                 and not is_action_id(ids, self.config).any()):
-            # one frame token, checked on the host for free: it keeps the carried features, so their projection is
+            # one frame token, checked on the host for free (eager CPU steps; never under a graph's bookkeeping, where
+            # the cache keeps no host mirror): it keeps the carried features, so their projection is
             # reused instead of re-deriving both every decode step (~35 small ops: +15% on a CPU rollout, see
             # bench/results/wm_action_cond_cpu.json)
             tail, on_proj = carry[0], carry[3]

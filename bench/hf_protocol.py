@@ -1,4 +1,5 @@
-"""Rollout baselines on a transformers LlamaForCausalLM (same weights as ours), and the test oracle.
+"""Rollout baselines on a transformers LlamaForCausalLM (same weights as ours), for bench/wm_rollout.py and as
+the oracle of tests/test_world_model.py.
 
 hf_frame_by_frame -- the release's loop structure (the release serves it with vLLM): per frame, generate on
     the WHOLE sequence so far (prompt + earlier frames + actions: re-sent and re-prefilled every frame, for
@@ -21,7 +22,7 @@ def hf_frame_by_frame(hf_model, prompt_ids, action_ids, tokens_per_frame: int, n
 
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from .nvtx import nvtx_range
+    from vla_rft_engine.utils import nvtx_range
 
     class DynamicsOnly(LogitsProcessor):
         first: float | None = None
@@ -64,7 +65,7 @@ def hf_kv_cached(hf_model, prompt_ids, action_ids, tokens_per_frame: int, num_co
     torch.compile(hf_model), can run the single-token steps without recompiling); step_fn defaults to hf_model."""
     import time
 
-    from .nvtx import nvtx_range
+    from vla_rft_engine.utils import nvtx_range
 
     def pick(logits):
         logits = logits[:, :num_codes].float()  # frames are dynamics codes only
