@@ -14,6 +14,15 @@ import functools
 
 import torch
 
+try:
+    from vla_rft_engine import _sampling_cpu as _ext  # type: ignore[attr-defined]  # compiled, no stub
+except ImportError:  # not built: _nucleus_argmax (torch ops, same verdicts) runs instead
+    _ext = None
+
+
+def nucleus_check_built() -> bool:
+    return _ext is not None
+
 
 def gumbel_noise(shape, generator=None, device=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """-log(-log(u)); with `out` the draw is written in place (same values, same generator stream)."""
@@ -49,7 +58,8 @@ def sample_reference(logits, noise, temperature: float, top_k: int = 0, top_p: f
 def sample_cpu(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0, logprob: bool = True):
     """sample_reference's result without its full argsort (the CPU decode loop's main cost at V=4375).
 
-    Most rows need no sort at all (_nucleus_argmax): the Gumbel-max winner over all V is checked against the
+    Most rows need no sort at all (_nucleus_argmax; in C++ where csrc/sampling_cpu.cpp is built): the Gumbel-max
+    winner over all V is checked against the
     top-p set by the mass above it. The rest are cut by sorted values: a value sort plus torch's cumsum
     reproduce the reference's per-position drop mask bit for bit; the kept set is then p >= the smallest kept
     value. Only the values above 1/V are sorted when they hold the cut (_head_cut), else all of them. Where
@@ -66,7 +76,10 @@ def sample_cpu(logits, noise, temperature: float, top_k: int = 0, top_p: float =
         s = s.masked_fill(z < kth, float("-inf"))
     p = s.softmax(-1)
     score = s + noise.float()
-    tok, done = _nucleus_argmax(p, score, top_p)
+    if _ext is not None and p.dtype == torch.float32:  # the same check in C++ (csrc/sampling_cpu.cpp)
+        tok, done = _ext.nucleus_argmax(p.contiguous(), score.contiguous(), top_p)
+    else:
+        tok, done = _nucleus_argmax(p, score, top_p)
     rest = (~done).nonzero()[:, 0]
     if len(rest):
         tok[rest] = _sorted_cut_argmax(logits[rest], p[rest], score[rest], noise[rest], temperature, top_k, top_p)

@@ -104,12 +104,21 @@ def test_cpu_sampler_head_cut_declines_when_unsure():
     assert _head_cut(p.numpy(), 0.9) is None  # the head's mass does not exceed top_p by more than rounding
 
 
+def _nucleus_impls():
+    """The top-p check's two implementations: the torch reference and, where built, the C++ op."""
+    from vla_rft_engine.kernels import sampling
+    impls = [pytest.param(sampling._nucleus_argmax, id="torch")]
+    skip = pytest.mark.skipif(sampling._ext is None, reason="vla_rft_engine._sampling_cpu not built")
+    impls.append(pytest.param(lambda p, s, tp: sampling._ext.nucleus_argmax(p, s, tp), id="cpp", marks=skip))
+    return impls
+
+
+@pytest.mark.parametrize("_nucleus_argmax", _nucleus_impls())
 @pytest.mark.parametrize("scale,top_p", [(0.05, 0.8), (0.3, 0.3), (1.0, 0.8), (4.0, 0.95), (8.0, 0.5)])
-def test_cpu_sampler_nucleus_check_needs_no_sort(scale, top_p):
+def test_cpu_sampler_nucleus_check_needs_no_sort(scale, top_p, _nucleus_argmax):
     """The Gumbel-max winner checked against the top-p set by the mass above it: certain for nearly every row
     of flat (random-init) and peaked (trained) rows alike, winners outside the set taking further rounds
     (top_p 0.3 on flat rows: most first winners are out), and always the reference's token."""
-    from vla_rft_engine.kernels.sampling import _nucleus_argmax
     g = torch.Generator().manual_seed(int(scale * 100 + top_p * 10))
     logits = torch.randn(64, 4375, generator=g) * scale
     noise = gumbel_noise(logits.shape, generator=g)
@@ -123,9 +132,10 @@ def test_cpu_sampler_nucleus_check_needs_no_sort(scale, top_p):
         assert (first != rtok).float().mean() > 0.5  # the drop rounds did the work
 
 
-def test_cpu_sampler_nucleus_check_leaves_the_margin_to_the_sort():
+@pytest.mark.parametrize("_nucleus_argmax", _nucleus_impls())
+def test_cpu_sampler_nucleus_check_leaves_the_margin_to_the_sort(_nucleus_argmax):
     """A winner whose mass above lies within the rounding margin of top_p, or NaN values: no verdict."""
-    from vla_rft_engine.kernels.sampling import _nucleus_argmax, sample_cpu
+    from vla_rft_engine.kernels.sampling import sample_cpu
     V = 1000
     p = torch.full((3, V), 1.0 / V, dtype=torch.float64)
     p[:, :500] += torch.linspace(2e-5, 1e-5, 500, dtype=torch.float64)  # distinct, descending: no ties

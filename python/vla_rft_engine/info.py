@@ -24,6 +24,8 @@ def backends() -> dict[str, tuple[bool, str]]:
     out["vq_decode C++ (CPU)"] = extension_available()
     from .kernels.decode_attention_cpu import extension_available as attn_built
     out["decode attention C++ (CPU)"] = (attn_built(), "built" if attn_built() else "not built: batched matmuls run instead")
+    from .kernels.sampling import nucleus_check_built
+    out["top-p check C++ (CPU)"] = (nucleus_check_built(), "built" if nucleus_check_built() else "not built: torch ops run instead")
     ok, why = _module("vla_rft_engine._vq_cuda")
     out["vq_decode CUDA"] = (ok and cuda, "built, CUDA device present" if ok and cuda else
                              ("built, but no CUDA device" if ok else f"not built ({why})"))

@@ -1,0 +1,102 @@
+// The top-p check of the CPU sampler (kernels/sampling.py: _nucleus_argmax is its PyTorch reference), per row:
+// the Gumbel-max winner t over the values left is the sort-based reference's token when the mass strictly above
+// p_t, plus its ties, is below top_p by more than the rounding margin; when that mass reaches top_p (same margin)
+// every value <= p_t is dropped and the next winner is checked. Rows with no certain verdict (within the margin,
+// non-finite values, `rounds` used up) come back with done = false and go to the sorted cut.
+//
+// Why C++: each round is two passes over the V values of a row; as torch ops they are a dozen full-tensor
+// kernels per round (bench/results/cpu_inference_cpu.json, sampling_*).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VLA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define VLA_CLONES
+#endif
+
+namespace {
+
+// Mass strictly above pt and the count of values equal to it. Blocks of 256 summed in float, the blocks in double:
+// the error stays far below the margin, which allows V * 2^-24 for this sum.
+VLA_CLONES void mass_above(const float* p, int64_t V, float pt, double* above, int64_t* equal) {
+  double acc = 0.0;
+  int64_t eq = 0;
+  for (int64_t j0 = 0; j0 < V; j0 += 256) {
+    const int64_t j1 = std::min(V, j0 + 256);
+    float a = 0.f;
+    int64_t e = 0;
+#pragma omp simd reduction(+ : a, e)
+    for (int64_t j = j0; j < j1; ++j) {
+      a += p[j] > pt ? p[j] : 0.f;
+      e += p[j] == pt ? 1 : 0;
+    }
+    acc += a;
+    eq += e;
+  }
+  *above = acc;
+  *equal = eq;
+}
+
+// argmax of s over the values with p > thr, the first index on ties (as torch.argmax); -1 if none.
+int64_t argmax_above(const float* p, const float* s, int64_t V, float thr) {
+  int64_t best = -1;
+  float bv = -INFINITY;
+  for (int64_t j = 0; j < V; ++j) {
+    if (p[j] > thr && (best < 0 || s[j] > bv)) {
+      bv = s[j];
+      best = j;
+    }
+  }
+  return best;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> nucleus_argmax(torch::Tensor p, torch::Tensor score, double top_p,
+                                                        int64_t rounds) {
+  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous() && p.dim() == 2,
+              "nucleus_argmax: p must be a contiguous (B, V) fp32 CPU tensor");
+  TORCH_CHECK(score.sizes() == p.sizes() && score.scalar_type() == at::kFloat && score.is_contiguous(),
+              "nucleus_argmax: score must be contiguous fp32 with p's shape ", p.sizes(), ", got ", score.sizes());
+  const int64_t B = p.size(0), V = p.size(1);
+  auto tok = torch::zeros({B}, p.options().dtype(at::kLong));
+  auto done = torch::zeros({B}, p.options().dtype(at::kBool));
+  const float *pp = p.data_ptr<float>(), *sp = score.data_ptr<float>();
+  int64_t* tp = tok.data_ptr<int64_t>();
+  bool* dp = done.data_ptr<bool>();
+  const double tol = static_cast<double>(V) * std::ldexp(1.0, -22);
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const float *pr = pp + b * V, *sr = sp + b * V;
+      bool finite = true;
+      for (int64_t j = 0; j < V; ++j) finite &= std::isfinite(pr[j]) && !std::isnan(sr[j]);
+      if (!finite) continue;
+      float thr = -INFINITY;  // values <= thr are dropped
+      for (int64_t r = 0; r < rounds; ++r) {
+        const int64_t t = argmax_above(pr, sr, V, thr);
+        if (t < 0) break;
+        const float pt = pr[t];
+        double above;
+        int64_t equal;
+        mass_above(pr, V, pt, &above, &equal);
+        if (above + static_cast<double>(equal - 1) * pt < top_p - tol) {  // certainly in the top-p set
+          tp[b] = t;
+          dp[b] = true;
+          break;
+        }
+        if (!(above >= top_p + tol)) break;  // within the margin: the sorted cut decides
+        thr = pt;  // certainly out, and so is every value <= p_t
+      }
+    }
+  });
+  return {tok, done};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("nucleus_argmax", &nucleus_argmax, "the CPU sampler's top-p check (kernels/sampling.py: _nucleus_argmax)",
+        py::arg("p"), py::arg("score"), py::arg("top_p"), py::arg("rounds") = 16);
+}
