@@ -6,7 +6,7 @@
 //   out[b, h] = softmax(q . [prefix[:plens[g]] | suffix[:S]] / sqrt(D)) @ [prefix | suffix]     g = b / (B / G)
 //
 // Why a loop and not batched matmuls: each (row, head) has one query, so the products are matrix-vector; a plain
-// pass over each row's suffix K/V (tens of MB per step at the CPU RFT shape, past any cache) reads it 1.6-1.8x
+// pass over each row's suffix K/V (tens of MB per step at the CPU RFT shape, past any cache) reads it 1.3-1.8x
 // faster than per-matrix GEMM calls (bench/results/cpu_inference_cpu.json). Each row re-reads its group's prefix,
 // which stays in cache. Scores are dotted four keys at a time so the FMA chains do not set the pace; the softmax
 // runs between the two passes (torch's vectorised one).

@@ -5,7 +5,7 @@ q (B, H, D); prefix caches pk/pv (G, Hkv, P, D), read for slots [0, plens[g]) by
 caches sk/sv (B, Hkv, Smax, D), slots [0, S) of each row; returns (B, H, D). GQA when H > Hkv.
 
 fp32 runs the C++ loop (csrc/decode_attention_cpu.cpp, module vla_rft_engine._attn_cpu): matrix-vector products
-that read the suffix K/V once, 1.6-1.8x faster than batched matmuls over the (row, head) pairs
+that read the suffix K/V once, 1.3-1.8x faster than batched matmuls over the (row, head) pairs
 (bench/results/cpu_inference_cpu.json). Other dtypes, non-contiguous caches (the engine's never are), or a build
 without the extension run `decode_attention_cpu_reference`: the prefix scored once per group with the N rows'
 queries stacked, fp32 softmax, as WorldModel.hidden computes. Prefix padding slots must hold finite values (the
@@ -55,5 +55,5 @@ def decode_attention_cpu(q, pk, pv, plens, sk, sv, S: int) -> torch.Tensor:
     if _ext is None and not _warned:
         _warned = True
         warnings.warn(f"vla_rft_engine._attn_cpu is not built ({_WHY}); CPU decode attention runs as batched matmuls, "
-                      "about 1.7x slower. Reinstall with `pip install --no-build-isolation -e .` once torch is installed.")
+                      "about 1.5x slower. Reinstall with `pip install --no-build-isolation -e .` once torch is installed.")
     return decode_attention_cpu_reference(q, pk, pv, plens, sk, sv, S)
