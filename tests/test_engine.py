@@ -63,6 +63,28 @@ def test_cuda_graph_request_on_cpu_is_an_error():
         wm.rollout(*_inputs(), tokens_per_frame=2, use_cuda_graph=True)
 
 
+def _rft_rollout(kw, T=3, F=5, action_cond=False, backend="eager", device="cpu"):
+    """run(**opts): a tiny rollout in the RFT layout (each row's own a_0; guidance twins when kw asks), the same
+    inputs and generator seed on every call."""
+    wm = _wm(attn_backend=backend, action_cond=action_cond).to(device)
+    prompt, acts = (t.to(device) for t in _inputs(T=T))
+    a0 = torch.randint(8750, 9006, (6, 7), generator=torch.Generator().manual_seed(1)).to(device)
+    extra = dict(uncond_row_prompt_ids=a0.flip(0), uncond_action_ids=acts.flip(0)) if kw.get("guidance") else {}
+
+    def run(**opts):
+        return wm.rollout(prompt, acts, tokens_per_frame=F, num_samples=3, row_prompt_ids=a0,
+                          generator=torch.Generator(device=device).manual_seed(3), **kw, **extra, **opts)
+    return run
+
+
+def _assert_same_rollout(a, b, kw):
+    if kw.get("return_logprobs"):
+        assert torch.equal(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("action_cond", [False, True])
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_p=0.8, top_k=40, return_logprobs=True),
                                 dict(top_p=0.9, guidance=1.5)])
@@ -71,15 +93,8 @@ def test_token_programs_read_nothing_on_the_host(monkeypatch, kw, action_cond):
     the writes, the generic model step) never turn a tensor into a Python value, and give the tokens of the
     CPU decode path."""
     from vla_rft_engine.engine import token_step
-    wm = _wm(attn_backend="eager", action_cond=action_cond)
-    prompt, acts = _inputs(T=3)
-    a0 = torch.randint(8750, 9006, (6, 7), generator=torch.Generator().manual_seed(1))
-    extra = dict(uncond_row_prompt_ids=a0.flip(0), uncond_action_ids=acts.flip(0)) if kw.get("guidance") else {}
-
-    def run(fast):
-        return wm.rollout(prompt, acts, tokens_per_frame=5, num_samples=3, row_prompt_ids=a0, cpu_fast=fast,
-                          generator=torch.Generator().manual_seed(3), **kw, **extra)
-    fast = run(True)
+    run = _rft_rollout(kw, action_cond=action_cond)
+    fast = run(cpu_fast=True)
 
     def boom(*a, **k):
         raise AssertionError("a host read inside a token program")
@@ -105,12 +120,7 @@ def test_token_programs_read_nothing_on_the_host(monkeypatch, kw, action_cond):
             return forward(ids)
         return step
     monkeypatch.setattr(rollout_mod, "_generic_forward", without_host_mirror)
-    generic = run(False)
-    if kw.get("return_logprobs"):
-        assert torch.equal(fast[0], generic[0])
-        torch.testing.assert_close(fast[1], generic[1], atol=1e-5, rtol=1e-5)
-    else:
-        assert torch.equal(fast, generic)
+    _assert_same_rollout(fast, run(cpu_fast=False), kw)
 
 
 @pytest.mark.parametrize("T,F,action_cond,kw", [(3, 5, False, dict(top_p=0.8, return_logprobs=True)),
@@ -125,15 +135,8 @@ def test_capture_bookkeeping_runs_on_the_cpu(monkeypatch, T, F, action_cond, kw)
 
     from vla_rft_engine.engine import rollout as rollout_mod
     from vla_rft_engine.engine import token_step
-    wm = _wm(attn_backend="eager", action_cond=action_cond)
-    prompt, acts = _inputs(T=T)
-    a0 = torch.randint(8750, 9006, (6, 7), generator=torch.Generator().manual_seed(1))
-    extra = dict(uncond_row_prompt_ids=a0.flip(0), uncond_action_ids=acts.flip(0)) if kw.get("guidance") else {}
-
-    def run():
-        return wm.rollout(prompt, acts, tokens_per_frame=F, num_samples=3, row_prompt_ids=a0, cpu_fast=False,
-                          generator=torch.Generator().manual_seed(3), **kw, **extra)
-    eager = run()
+    run = _rft_rollout(kw, T, F, action_cond)
+    eager = run(cpu_fast=False)
 
     class Replay:
         def __init__(self, fn):
@@ -152,14 +155,10 @@ def test_capture_bookkeeping_runs_on_the_cpu(monkeypatch, T, F, action_cond, kw)
         self.capture(caches[-1], decode=F > 1)
         programs.append(self)
     monkeypatch.setattr(token_step.TokenStep, "__init__", init_and_capture)
-    captured = run()
+    captured = run(cpu_fast=False)
     assert programs[0].static and set(programs[0].graphs) == {n for n, on in (("decode", F > 1), ("action", T > 1)) if on}
     assert caches[0].s0_host is None and int(caches[0].s0) == caches[0].suffix_len - 1  # all but the last token fed
-    if kw.get("return_logprobs"):
-        assert torch.equal(eager[0], captured[0])
-        torch.testing.assert_close(eager[1], captured[1], atol=1e-5, rtol=1e-5)
-    else:
-        assert torch.equal(eager, captured)
+    _assert_same_rollout(eager, captured, kw)
 
 
 @cuda_only()
@@ -172,20 +171,8 @@ def test_cuda_graph_rollout_matches_eager(backend, kw, T, F, action_cond):
     """Each token as one graph replay (sampling, the writes, the model step, the frame-end + action step too) gives
     the eager programs' tokens and log-probs: the same generator stream, the same code. Short rollouts too, where
     the warm-up before capture must not run past the suffix."""
-    wm = _wm(attn_backend=backend, action_cond=action_cond).cuda()
-    prompt, acts = (t.cuda() for t in _inputs(T=T))
-    a0 = torch.randint(8750, 9006, (6, 7), generator=torch.Generator().manual_seed(1)).cuda()  # each row's own a_0
-    extra = dict(uncond_row_prompt_ids=a0.flip(0), uncond_action_ids=acts.flip(0)) if kw.get("guidance") else {}
-
-    def run(graph):
-        return wm.rollout(prompt, acts, tokens_per_frame=F, num_samples=3, row_prompt_ids=a0, use_cuda_graph=graph,
-                          generator=torch.Generator(device="cuda").manual_seed(3), **kw, **extra)
-    eager, graph = run(False), run(True)
-    if kw.get("return_logprobs"):
-        assert torch.equal(eager[0], graph[0])
-        torch.testing.assert_close(eager[1], graph[1], atol=1e-5, rtol=1e-5)
-    else:
-        assert torch.equal(eager, graph)
+    run = _rft_rollout(kw, T, F, action_cond, backend=backend, device="cuda")
+    _assert_same_rollout(run(use_cuda_graph=False), run(use_cuda_graph=True), kw)
 
 
 def test_fused_weights_same_logits_and_track_updates():
