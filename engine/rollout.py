@@ -227,17 +227,11 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
                     torch.rand(prog.u.shape, generator=generator, device=dev, out=prog.u)
                 if f < F - 1:
                     prog.decode()
-                    if prog.static:
-                        clock.lap("decode_s")  # sampling included: it is inside the graph
                 elif t < T - 1:
                     with nvtx_range("wm.action_prefill"):
                         prog.action(acts[:, t])
-                    if prog.static:
-                        clock.lap("action_s")
                 else:
                     prog.last()
-                    if prog.static:
-                        clock.lap("sample_s")
     if not bool(prog.finite):  # the one host read of the rollout
         raise FloatingPointError("the world model produced NaN/Inf logits during the rollout, so its frames are "
                                  "meaningless; the checkpoint is corrupt or was saved from a diverged run")

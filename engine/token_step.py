@@ -40,10 +40,11 @@ class TokenStep:
         self.finite = torch.ones((), dtype=torch.bool, device=dev)  # all logits finite so far
         self.acts = None if first_action is None else first_action.clone()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self.static = False  # True from capture on: logits is a fixed buffer, and no host timing inside
+        self.static = False  # True from capture on: logits is a fixed buffer
+        self._timing = True  # off while capture runs the programs
 
     def _lap(self, key: str) -> None:
-        if self.clock is not None and not self.static:
+        if self.clock is not None and self._timing:
             self.clock.lap(key)
 
     def _sample(self) -> torch.Tensor:
@@ -81,31 +82,32 @@ class TokenStep:
         self._step(torch.cat([self._sample()[:, None], self.acts], 1), "action_s")
 
     def decode(self) -> None:
-        self._run("decode", self._decode)
+        self._run("decode", self._decode, "decode_s")
 
     def action(self, acts: torch.Tensor) -> None:
         """acts (rows, A): the action after this frame."""
         if self.acts is None:
             raise ValueError("this TokenStep was built for a one-frame rollout (first_action=None): no action step")
         self.acts.copy_(acts)
-        self._run("action", self._action)
+        self._run("action", self._action, "action_s")
 
     def last(self) -> None:
         self._sample()
 
-    def _run(self, name: str, fn: Callable[[], None]) -> None:
+    def _run(self, name: str, fn: Callable[[], None], key: str) -> None:
         g = self.graphs.get(name)
         if g is None:
-            fn()
+            fn()  # laps its own phases
         else:
             g.replay()
+            self._lap(key)  # sampling included: it is inside the graph
 
     def capture(self, cache, decode: bool = True) -> None:
         """Record decode (when frames have more than one token) and action (when there is a frame after the
         first) as CUDA graphs. A warm-up on a side stream compiles and autotunes first. After each warm-up
         program and each capture, everything it moved (cache fill level and action carry, pos, flags, logits)
         is restored, so it takes at most one token and 1 + A suffix slots, which the real steps overwrite."""
-        self.static, self.logits = True, self.logits.clone()  # the graphs' fixed input
+        self.static, self._timing, self.logits = True, False, self.logits.clone()  # the graphs' fixed input
         carry = cache.action_carry or ()
         live = [cache.s0, self.pos, self.finite, self.logits, *carry]
         saved = [t.clone() for t in live]
@@ -125,6 +127,7 @@ class TokenStep:
             self.graphs[name] = g = _record(fn, pool)
             pool = g.pool()
             restore()
+        self._timing = True
 
 
 @contextlib.contextmanager
