@@ -20,9 +20,9 @@ def device_name(device: torch.device) -> str:
 _PROFILE = {"on": False}  # set by parse_args(--profile): time_fn's timed repeats become profiler ranges
 
 
-def time_fn(fn, repeats: int = 10, warmup: int = 2, device: torch.device | None = None) -> dict:
+def time_fn(fn, repeats: int = 10, warmup: int = 2, device: torch.device | None = None, before=None) -> dict:
     """Median / min / all wall times (seconds) of fn() over `repeats` runs after `warmup` (outside any
-    --profile range)."""
+    --profile range). `before()`, when given, runs ahead of each timed call, untimed (e.g. evicting caches)."""
     cuda = device is not None and torch.device(device).type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     for _ in range(warmup):
@@ -31,6 +31,8 @@ def time_fn(fn, repeats: int = 10, warmup: int = 2, device: torch.device | None 
     times = []
     with profiled(_PROFILE["on"], torch.device(device) if device is not None else torch.device("cpu")):
         for _ in range(repeats):
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             sync()

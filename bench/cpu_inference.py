@@ -102,9 +102,6 @@ def _sampling_cases(rows: int, vocab: int, repeats: int) -> dict:
 
 
 def _decode_cases(rows: int, vocab: int, repeats: int) -> dict:
-    import statistics
-    import time
-
     from vla_rft_engine.engine.cpu_decode import _mkl_pack
     from vla_rft_engine.kernels.decode_attention_cpu import (decode_attention_cpu, decode_attention_cpu_reference,
                                                              extension_available)
@@ -138,20 +135,14 @@ def _decode_cases(rows: int, vocab: int, repeats: int) -> dict:
     flush = torch.ones(21 * 2 ** 20)  # 84 MB
 
     def gemms(packed: bool):
-        ts = []
-        for _ in range(repeats + 2):
-            flush.sum()
-            t0 = time.perf_counter()
-            for x, w, pw in zip(xs, ws, packs):
-                if packed and pw is not None:
-                    torch.ops.mkl._mkl_linear(x, pw[0], pw[1], None, B)
-                else:
-                    torch.mm(x, w.t())
-            ts.append(time.perf_counter() - t0)
-        ts = ts[2:]  # the first two: warm-up
-        return {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts}
+        for x, w, pw in zip(xs, ws, packs):
+            if packed and pw is not None:
+                torch.ops.mkl._mkl_linear(x, pw[0], pw[1], None, B)
+            else:
+                torch.mm(x, w.t())
     with nvtx_range("bench.decode_gemms"):
-        td, tb = gemms(True), gemms(False)
+        td = time_fn(lambda: gemms(True), repeats=repeats, warmup=2, before=flush.sum)
+        tb = time_fn(lambda: gemms(False), repeats=repeats, warmup=2, before=flush.sum)
     out["decode_gemms"] = {
         "shape": {"rows": B, "weights": [list(w.shape) for w in ws]},
         "default": {"what": "MKL pre-packed weights (torch.ops.mkl._mkl_linear), as engine/cpu_decode.py runs "
