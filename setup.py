@@ -1,5 +1,5 @@
 """Build: the `vla_rft_engine` package (python/, with engine/ and kernels/ mapped into it) and its
-pybind11 extensions from csrc/: `_vq_cpu`, `_attn_cpu` and `_sampling_cpu` always, `_vq_cuda` whenever nvcc is found.
+pybind11 extensions from csrc/: `_vq_cpu`, `_attn_cpu`, `_linear_cpu` and `_sampling_cpu` always, `_vq_cuda` whenever nvcc is found.
 
     pip install --no-build-isolation -e .          # torch must be installed first (it builds the extension)
     VLA_RFT_NO_CUDA=1 pip install ...              # skip the CUDA variant
@@ -39,8 +39,10 @@ def extensions():
     # -fopenmp: at::parallel_for is OpenMP-backed in torch builds and is inlined into our code.
     exts = [CppExtension("vla_rft_engine._vq_cpu", ["csrc/vq_decode_cpu.cpp"], depends=["csrc/vq_decode_common.h"],
                          extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"]),
-            CppExtension("vla_rft_engine._attn_cpu", ["csrc/decode_attention_cpu.cpp"],
+            CppExtension("vla_rft_engine._attn_cpu", ["csrc/decode_attention_cpu.cpp"], depends=["csrc/linear_cpu.h"],
                          extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"]),
+            CppExtension("vla_rft_engine._linear_cpu", ["csrc/linear_cpu.cpp"], depends=["csrc/linear_cpu.h"],
+                         extra_compile_args={"cxx": cxx}),
             CppExtension("vla_rft_engine._sampling_cpu", ["csrc/sampling_cpu.cpp"],
                          extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"])]
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))

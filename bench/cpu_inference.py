@@ -16,11 +16,13 @@ Cases (each: production default vs the labelled baseline; ratio = default median
   decode_attention_S{30,290,560}  the world model's single-token attention at the CPU bench's RFT shape (small
                     preset: 4 layers, 4 heads of 64; 2 groups x 17 rows (--rows); 320-token shared prefix; S filled suffix
                     slots: the first, middle and last frame of 8), each layer's own caches, so the K/V come from
-                    memory as in a decode step. Default: kernels/decode_attention_cpu (the C++ loop). Baseline:
-                    decode_attention_cpu_reference (batched matmuls, the path before the C++ loop).
-  decode_gemms      one decode step's qkv, gate/up (4 layers) and head GEMMs at 34 rows (--rows, --vocab), timed after an 84 MB read
-                    (a step's K/V volume at the middle frame, which evicts the weights, as in a rollout). Default:
-                    MKL pre-packed weights (engine/cpu_decode.py). Baseline: torch.mm on the weights.
+                    memory as in a decode step. Default: kernels/decode_attention_cpu (C++; the prefix packed once
+                    per rollout, outside the timed region, as engine/cpu_decode.py does). Baseline:
+                    decode_attention_cpu_reference (batched matmuls, the path before the C++ op).
+  decode_gemms      one decode step's GEMMs at 34 rows (--rows, --vocab): qkv, wo (+ residual), gate/up, w2
+                    (+ residual) for 4 layers and the head, timed after an 84 MB read (a step's K/V volume at the
+                    middle frame, which evicts the weights, as in a rollout). Default: kernels/linear_cpu on weights
+                    packed once (engine/cpu_decode.py). Baseline: torch.mm / addmm_ (MKL) on the weights.
 """
 from __future__ import annotations
 
@@ -102,9 +104,9 @@ def _sampling_cases(rows: int, vocab: int, repeats: int) -> dict:
 
 
 def _decode_cases(rows: int, vocab: int, repeats: int) -> dict:
-    from vla_rft_engine.engine.cpu_decode import _mkl_pack
     from vla_rft_engine.kernels.decode_attention_cpu import (decode_attention_cpu, decode_attention_cpu_reference,
-                                                             extension_available)
+                                                             extension_available, pack_prefix)
+    from vla_rft_engine.kernels.linear_cpu import linear_cpu, linear_cpu_reference, pack_linear_cpu
     from vla_rft_engine.utils import nvtx_range
     out: dict = {}
     layers, G, N, H, D, P, Smax = 4, 2, max(rows // 2, 2), 4, 64, 320, 575
@@ -113,43 +115,54 @@ def _decode_cases(rows: int, vocab: int, repeats: int) -> dict:
     sk, sv = torch.randn(2, layers, B, H, Smax, D, generator=g)
     q = torch.randn(B, H, D, generator=g)
     plens = torch.full((G,), P, dtype=torch.int64)
+    packed = [pack_prefix(pk[i], pv[i], plens) for i in range(layers)]  # once per rollout in the decoder
+
+    def ours(q, pk, pv, plens, sk, sv, S, i):
+        return decode_attention_cpu(q, pk, pv, plens, sk, sv, S, packed=packed[i])
+
+    def ref(q, pk, pv, plens, sk, sv, S, i):
+        return decode_attention_cpu_reference(q, pk, pv, plens, sk, sv, S)
     for S in (30, 290, 560):
         def step(fn):
-            return [fn(q, pk[i], pv[i], plens, sk[i], sv[i], S) for i in range(layers)]
-        diff = max((a - b).abs().max().item() for a, b in zip(step(decode_attention_cpu),
-                                                              step(decode_attention_cpu_reference)))
+            return [fn(q, pk[i], pv[i], plens, sk[i], sv[i], S, i) for i in range(layers)]
+        diff = max((a - b).abs().max().item() for a, b in zip(step(ours), step(ref)))
         with nvtx_range(f"bench.decode_attention_S{S}"):
-            td = time_fn(lambda: step(decode_attention_cpu), repeats=repeats, warmup=2)
-            tb = time_fn(lambda: step(decode_attention_cpu_reference), repeats=repeats, warmup=2)
+            td = time_fn(lambda: step(ours), repeats=repeats, warmup=2)
+            tb = time_fn(lambda: step(ref), repeats=repeats, warmup=2)
         kv_mb = layers * 2 * 4 * D * H * (B * S + G * P) / 1e6
         out[f"decode_attention_S{S}"] = {
             "shape": {"layers": layers, "groups": G, "rows": B, "heads": H, "head_dim": D, "prefix": P, "suffix": S},
-            "default": {"what": "kernels/decode_attention_cpu (C++ loop, extension built: "
+            "default": {"what": "kernels/decode_attention_cpu (C++, prefix packed beforehand; extension built: "
                                 f"{extension_available()})", **td, "kv_gbps": kv_mb / 1e3 / td["median_s"]},
-            "baseline": {"what": "decode_attention_cpu_reference (batched matmuls: the path before the C++ loop)",
+            "baseline": {"what": "decode_attention_cpu_reference (batched matmuls: the path before the C++ op)",
                          **tb, "kv_gbps": kv_mb / 1e3 / tb["median_s"]},
             "kv_mb_per_step": kv_mb, "ratio": td["median_s"] / tb["median_s"], "max_abs_diff": diff}
-    ws = [torch.randn(n, k, generator=g) * 0.05 for n, k in [(768, 256), (2048, 256)] * layers + [(vocab, 256)]]
+    # (N, K, residual) per GEMM of a step, in the decoder's order
+    shapes = [(768, 256, False), (256, 256, True), (2048, 256, False), (256, 1024, True)] * layers + [(vocab, 256, False)]
+    ws = [torch.randn(n, k, generator=g) * 0.05 for n, k, _ in shapes]
     xs = [torch.randn(B, w.shape[1], generator=g) for w in ws]
-    packs = [_mkl_pack(w, B) for w in ws]
+    res = [torch.randn(B, w.shape[0], generator=g) if r else None for w, (_, _, r) in zip(ws, shapes)]
+    packs = [pack_linear_cpu(w) for w in ws]
     flush = torch.ones(21 * 2 ** 20)  # 84 MB
 
-    def gemms(packed: bool):
-        for x, w, pw in zip(xs, ws, packs):
-            if packed and pw is not None:
-                torch.ops.mkl._mkl_linear(x, pw[0], pw[1], None, B)
-            else:
-                torch.mm(x, w.t())
+    def gemms(fn):
+        return [fn(x, w, p, r) for x, w, p, r in zip(xs, ws, packs, res)]
+
+    def ours(x, w, p, r):  # the residual is accumulated into its own copy each time, as the decoder's x
+        return linear_cpu(x, w, p) if r is None else linear_cpu(x, w, p, out=r.clone(), accumulate=True)
+
+    def base(x, w, p, r):
+        return linear_cpu_reference(x, w) if r is None else linear_cpu_reference(x, w, r.clone(), True)
+    diff = max((a - b).abs().max().item() for a, b in zip(gemms(ours), gemms(base)))
     with nvtx_range("bench.decode_gemms"):
-        td = time_fn(lambda: gemms(True), repeats=repeats, warmup=2, before=flush.sum)
-        tb = time_fn(lambda: gemms(False), repeats=repeats, warmup=2, before=flush.sum)
+        td = time_fn(lambda: gemms(ours), repeats=repeats, warmup=2, before=flush.sum)
+        tb = time_fn(lambda: gemms(base), repeats=repeats, warmup=2, before=flush.sum)
     out["decode_gemms"] = {
         "shape": {"rows": B, "weights": [list(w.shape) for w in ws]},
-        "default": {"what": "MKL pre-packed weights (torch.ops.mkl._mkl_linear), as engine/cpu_decode.py runs "
-                            f"them (packed: {all(p is not None for p in packs)})", **td},
-        "baseline": {"what": "torch.mm on the weights", **tb}, "ratio": td["median_s"] / tb["median_s"],
-        "bitwise_equal": all(p is None or torch.equal(torch.ops.mkl._mkl_linear(x, p[0], p[1], None, B), x @ w.t())
-                             for x, w, p in zip(xs, ws, packs))}
+        "default": {"what": "kernels/linear_cpu on weights packed once, as engine/cpu_decode.py runs them (packed: "
+                            f"{all(p is not None for p in packs)})", **td},
+        "baseline": {"what": "torch.mm / addmm_ (MKL) on the weights", **tb}, "ratio": td["median_s"] / tb["median_s"],
+        "max_abs_diff": diff}
     return out
 
 

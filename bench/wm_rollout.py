@@ -19,7 +19,9 @@ Defaults by device (each has a flag):
        tokens, 327-token prompt = the built-in tokenizer's layout (256 context + 64 dynamics shared by a group +
        7 own a_0 tokens, Eq. 10), 1 thread. --budget-s caps the slow baseline's repeats.
   CUDA paper preset, bf16, 16 start states x 17 rollouts, 8 frames, 1095-token prompt (1088 shared + 7 own).
-Warm-up: one 1-frame rollout per side outside the timed region. Then the sides alternate per repeat, so a load
+Warm-up outside the timed region: one full rollout per side, but a 1-frame one for hf_generate_per_frame (minutes
+on a CPU; its first timed repeat is not slower than the others). A 1-frame warm-up left hf_kv_cached's first
+timed repeat ~2x slower than the rest. Then the sides alternate per repeat, so a load
 change on a shared machine hits all of them. Rollouts/s counts one (start state, sample) rollout of `frames`
 frames. On the CPU the record gives decode_floor: the step's lower bound from this core's measured GEMM rate
 (weights) and stream-read rate (K/V bytes), against the measured step. On CUDA the record gives the decode
@@ -193,8 +195,8 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
-    for s in sides:  # warm-up: first-call costs (weight packing, Triton/compile, CUDA graph capture)
-        run(s, frames=2 if s == "hf_static_compiled" else 1, timed=False)
+    for s in sides:  # warm-up: first-call costs (weight packing, Triton/compile, CUDA graph capture, allocations)
+        run(s, frames=1 if s == "hf_generate_per_frame" else T, timed=False)
     times = {s: [] for s in sides}
     t_start = time.perf_counter()
     with profiled(a.profile, dev):

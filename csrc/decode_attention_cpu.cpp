@@ -5,29 +5,135 @@
 //   q (B, H, D)   prefix k/v (G, Hkv, P, D) with valid lengths plens (G,)   suffix k/v (B, Hkv, Smax, D), slots [0, S)
 //   out[b, h] = softmax(q . [prefix[:plens[g]] | suffix[:S]] / sqrt(D)) @ [prefix | suffix]     g = b / (B / G)
 //
-// Why a loop and not batched matmuls: each (row, head) has one query, so the products are matrix-vector; a plain
-// pass over each row's suffix K/V (tens of MB per step at the CPU RFT shape, past any cache) reads it 1.3-1.8x
-// faster than per-matrix GEMM calls (bench/results/cpu_inference_cpu.json). Each row re-reads its group's prefix,
-// which stays in cache. Scores are dotted four keys at a time so the FMA chains do not set the pace; the softmax
-// runs between the two passes (torch's vectorised one).
+// The prefix is shared by a group's rows: its scores and its share of the output are one GEMM each per (group,
+// kv head) over the group's queries (csrc/linear_cpu.h), so it is read once per group, not once per row. Each
+// row's suffix is its own and each (row, head) has one query there, so those products are matrix-vector: a plain
+// pass over the suffix K/V (tens of MB per step at the CPU RFT shape, past any cache) reads it faster than
+// per-matrix GEMM calls (bench/results/cpu_inference_cpu.json). That pass must compute faster than memory
+// delivers, or the two add up: for head sizes that are multiples of 16, 16 keys are dotted at once into 16 vectors
+// of partial sums that one shuffle tree reduces (a horizontal sum per key cost ~30 instructions and held the pass
+// to ~40 GB/s from cache), and lines a few KB ahead are prefetched. The softmax runs between the two passes
+// (torch's vectorised one).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VLA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#define VLA_INLINE __attribute__((always_inline)) inline  // inlined into each clone, so compiled for its ISA
+#include "linear_cpu.h"  // the prefix's GEMM, and VLA_CLONES / VLA_INLINE
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define VLA_VEC 1  // GCC vector extensions: lowered per clone (one zmm, two ymm, or four xmm per v16)
 #else
-#define VLA_CLONES
-#define VLA_INLINE inline
+#define VLA_VEC 0
 #endif
 
 namespace {
 
-// out[j] = scale * q . k[j] for j < n (k rows of D floats). DT > 0: D known at compile time.
+using vla_gemm::kCols;
+
+#if VLA_VEC
+using vla_gemm::load16;
+using vla_gemm::v16;
+typedef int i16 __attribute__((vector_size(64)));
+
+// A pass over a row's K or V is a 10-150 KB stream that the next row's continues: the hardware prefetcher alone
+// keeps too few lines in flight on one core (~9-13 GB/s measured here against ~19 with this). `Stream`: the block
+// being read and the one read after it; lines kPrefetch bytes ahead are requested, crossing into the next block.
+constexpr int64_t kPrefetch = 8192 / sizeof(float);
+struct Stream {
+  const float* next;
+  int64_t len, next_len;  // floats
+};
+
+VLA_INLINE void prefetch_ahead(const float* base, int64_t off, int64_t count, const Stream& st) {
+  for (int64_t l = off + kPrefetch; l < off + kPrefetch + count; l += 16) {  // one 64-byte line per 16 floats
+    if (l < st.len) {
+      __builtin_prefetch(base + l, 0, 3);
+    } else if (st.next != nullptr && l - st.len < st.next_len) {
+      __builtin_prefetch(st.next + (l - st.len), 0, 3);
+    }
+  }
+}
+
+// Lane j of the result = the sum of p[j]'s 16 lanes. Each level folds lane halves of two vectors into one, keys
+// kept in order: 15 folds of two shuffles and an add for 16 keys.
+VLA_INLINE v16 fold(v16 a, v16 b, i16 lo, i16 hi) { return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi); }
+
+VLA_INLINE v16 hsum16(const v16* p) {
+  const i16 a0 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const i16 a1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const i16 b0 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const i16 b1 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const i16 c0 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const i16 c1 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+  const i16 d0 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const i16 d1 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  v16 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i) x[i] = fold(p[2 * i], p[2 * i + 1], a0, a1);
+  for (int i = 0; i < 4; ++i) y[i] = fold(x[2 * i], x[2 * i + 1], b0, b1);
+  for (int i = 0; i < 2; ++i) z[i] = fold(y[2 * i], y[2 * i + 1], c0, c1);
+  return fold(z[0], z[1], d0, d1);
+}
+
+// out[j] = q . k[j] for j < n, D = DT a multiple of 16
 template <int DT>
-VLA_INLINE void dot_keys(const float* q, const float* k, int64_t n, int64_t Drt, float scale, float* out) {
+VLA_INLINE void dot_keys_vec(const float* q, const float* k, int64_t n, float* out, const Stream& st) {
+  constexpr int C = DT / 16;
+  v16 qv[C], p[16];
+  for (int c = 0; c < C; ++c) qv[c] = load16(q + 16 * c);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    prefetch_ahead(k, j * DT, 16 * DT, st);
+    for (int t = 0; t < 16; ++t) {
+      const float* kt = k + (j + t) * DT;
+      v16 a = qv[0] * load16(kt);
+      for (int c = 1; c < C; ++c) a += qv[c] * load16(kt + 16 * c);
+      p[t] = a;
+    }
+    const v16 s = hsum16(p);
+    std::memcpy(out + j, &s, sizeof s);
+  }
+  if (j < n) {  // the last 1-15 keys
+    const int64_t m = n - j;
+    for (int t = 0; t < 16; ++t) {
+      p[t] = v16{};
+      if (t < m) {
+        for (int c = 0; c < C; ++c) p[t] += qv[c] * load16(k + (j + t) * DT + 16 * c);
+      }
+    }
+    const v16 s = hsum16(p);
+    std::memcpy(out + j, &s, m * sizeof(float));
+  }
+}
+
+// acc[0:D] += sum_j p[j] * v[j] for j < n; two accumulator sets so the adds do not wait on each other
+template <int DT>
+VLA_INLINE void axpy_rows_vec(const float* p, const float* v, int64_t n, v16* acc, const Stream& st) {
+  constexpr int C = DT / 16;
+  v16 acc2[C];
+  for (int c = 0; c < C; ++c) acc2[c] = v16{};
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    prefetch_ahead(v, j * DT, 2 * DT, st);
+    const float w0 = p[j], w1 = p[j + 1];
+    for (int c = 0; c < C; ++c) {
+      acc[c] += w0 * load16(v + j * DT + 16 * c);
+      acc2[c] += w1 * load16(v + (j + 1) * DT + 16 * c);
+    }
+  }
+  if (j < n) {
+    for (int c = 0; c < C; ++c) acc[c] += p[j] * load16(v + j * DT + 16 * c);
+  }
+  for (int c = 0; c < C; ++c) acc[c] += acc2[c];
+}
+#endif
+
+// out[j] = q . k[j] for j < n (k rows of D floats). DT > 0: D known at compile time.
+template <int DT>
+VLA_INLINE void dot_keys(const float* q, const float* k, int64_t n, int64_t Drt, float* out) {
   const int64_t D = DT > 0 ? DT : Drt;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {  // four independent chains
@@ -40,17 +146,17 @@ VLA_INLINE void dot_keys(const float* q, const float* k, int64_t n, int64_t Drt,
       s2 += q[d] * k2[d];
       s3 += q[d] * k3[d];
     }
-    out[j] = s0 * scale;
-    out[j + 1] = s1 * scale;
-    out[j + 2] = s2 * scale;
-    out[j + 3] = s3 * scale;
+    out[j] = s0;
+    out[j + 1] = s1;
+    out[j + 2] = s2;
+    out[j + 3] = s3;
   }
   for (; j < n; ++j) {
     const float* kj = k + j * D;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int64_t d = 0; d < D; ++d) s += q[d] * kj[d];
-    out[j] = s * scale;
+    out[j] = s;
   }
 }
 
@@ -66,92 +172,155 @@ VLA_INLINE void axpy_rows(const float* p, const float* v, int64_t n, int64_t Drt
   }
 }
 
-// Scores of the rep query heads that share one kv head: rows of Ptot + S, -inf on the prefix padding.
+// Suffix scores of the rep query heads (pre-scaled) that share one kv head, into their rows of Ptot + S.
 template <int DT>
-VLA_CLONES void scores_block(const float* q, const float* pk, const float* sk, float* out, int64_t Ptot,
-                             int64_t plen, int64_t S, int64_t rep, int64_t D, float scale) {
-  for (int64_t r = 0; r < rep; ++r) {  // rep > 1 re-reads this kv head's block from L2, not from memory
-    float* o = out + r * (Ptot + S);
-    dot_keys<DT>(q + r * D, pk, plen, D, scale, o);
-    for (int64_t j = plen; j < Ptot; ++j) o[j] = -INFINITY;
-    dot_keys<DT>(q + r * D, sk, S, D, scale, o + Ptot);
+VLA_CLONES void suffix_scores(const float* q, const float* sk, const float* sk_next, float* out, int64_t Ptot,
+                              int64_t S, int64_t rep, int64_t D) {
+  for (int64_t r = 0; r < rep; ++r) {  // rep > 1 re-reads this kv head's block from cache, not from memory
+#if VLA_VEC
+    if constexpr (DT > 0 && DT % 16 == 0) {
+      dot_keys_vec<DT>(q + r * D, sk, S, out + r * (Ptot + S) + Ptot, {sk_next, S * D, S * D});
+      continue;
+    }
+#endif
+    dot_keys<DT>(q + r * D, sk, S, D, out + r * (Ptot + S) + Ptot);
   }
 }
 
+// out rows (rep x D, holding the prefix's part) += probabilities of the suffix @ its values
 template <int DT>
-VLA_CLONES void values_block(const float* p, const float* pv, const float* sv, float* out, int64_t Ptot,
-                             int64_t plen, int64_t S, int64_t rep, int64_t D) {
+VLA_CLONES void suffix_values(const float* p, const float* sv, const float* sv_next, float* out, int64_t Ptot,
+                              int64_t S, int64_t rep, int64_t D) {
   for (int64_t r = 0; r < rep; ++r) {
-    float* acc = out + r * D;
-    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-    const float* pr = p + r * (Ptot + S);
-    axpy_rows<DT>(pr, pv, plen, D, acc);  // padding has probability 0: skipped
-    axpy_rows<DT>(pr + Ptot, sv, S, D, acc);
+    const float* pr = p + r * (Ptot + S) + Ptot;
+#if VLA_VEC
+    if constexpr (DT > 0 && DT % 16 == 0) {
+      v16 a[DT / 16];
+      std::memcpy(a, out + r * D, sizeof a);
+      axpy_rows_vec<DT>(pr, sv, S, a, {sv_next, S * D, S * D});
+      std::memcpy(out + r * D, a, sizeof a);
+      continue;
+    }
+#endif
+    axpy_rows<DT>(pr, sv, S, D, out + r * D);
   }
 }
 
+// Layout inside: (G, Hkv, N * rep, .), the queries of one kv head adjacent. The prefix comes packed (pack_prefix):
+// kp (G, Hkv, P / 32, D, 32) and vp (G, Hkv, ceil(D / 32), P, 32), P padded to panels, so that its scores and its
+// share of the output are one GEMM each per (group, kv head) over all the group's queries.
 template <int DT>
-torch::Tensor run(const torch::Tensor& q, const torch::Tensor& pk, const torch::Tensor& pv, const int64_t* pl,
+torch::Tensor run(const torch::Tensor& q, const torch::Tensor& kp, const torch::Tensor& vp, const int64_t* pl,
                   const torch::Tensor& sk, const torch::Tensor& sv, int64_t S) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = pk.size(0), HKV = pk.size(1), P = pk.size(2);
-  const int64_t Smax = sk.size(2), N = B / G, rep = H / HKV;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  auto scores = torch::empty({B, H, P + S}, q.options());
-  const float *qp = q.data_ptr<float>(), *pkp = pk.data_ptr<float>(), *skp = sk.data_ptr<float>();
-  const float *pvp = pv.data_ptr<float>(), *svp = sv.data_ptr<float>();
-  float* scp = scores.data_ptr<float>();
-  at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / HKV, h = i % HKV, g = b / N;
-      scores_block<DT>(qp + (b * H + h * rep) * D, pkp + (g * HKV + h) * P * D, skp + (b * HKV + h) * Smax * D,
-                       scp + (b * H + h * rep) * (P + S), P, pl[g], S, rep, D, scale);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = kp.size(0), HKV = kp.size(1);
+  const int64_t P = kp.size(2) * kCols, Smax = sk.size(2), N = B / G, rep = H / HKV, Q = N * rep, W = P + S;
+  const auto qs = q.mul(1.0 / std::sqrt(static_cast<double>(D))).view({G, N, HKV, rep, D}).permute({0, 2, 1, 3, 4})
+                      .contiguous();
+  auto scores = torch::empty({G, HKV, Q, W}, q.options());
+  auto out = torch::empty({G, HKV, Q, D}, q.options());
+  const float *qp = qs.data_ptr<float>(), *kpp = kp.data_ptr<float>(), *vpp = vp.data_ptr<float>();
+  const float *skp = sk.data_ptr<float>(), *svp = sv.data_ptr<float>();
+  float *scp = scores.data_ptr<float>(), *op = out.data_ptr<float>();
+  at::parallel_for(0, G * HKV, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t gh = lo; gh < hi; ++gh) {
+      const int64_t plen = pl[gh / HKV];
+      float* sc = scp + gh * Q * W;
+      vla_gemm::gemm(qp + gh * Q * D, D, Q, D, kpp + gh * P * D, D * kCols, plen, sc, W, false);
+      for (int64_t m = 0; m < Q; ++m) std::fill(sc + m * W + plen, sc + m * W + P, -INFINITY);
     }
   });
-  auto prob = scores.softmax(-1);
+  // i = (g, h, n): a group's rows inside each head; its suffix block is row b = g * N + n of head h
+  auto block = [&](int64_t i) { return ((i / (HKV * N) * N + i % N) * HKV + i / N % HKV) * Smax * D; };
+  auto next = [&](const float* base, int64_t i, int64_t hi) { return i + 1 < hi ? base + block(i + 1) : nullptr; };
+  at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      suffix_scores<DT>(qp + i * rep * D, skp + block(i), next(skp, i, hi), scp + i * rep * W, P, S, rep, D);
+    }
+  });
+  const auto prob = scores.softmax(-1);
   const float* prp = prob.data_ptr<float>();
-  auto out = torch::empty({B, H, D}, q.options());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / HKV, h = i % HKV, g = b / N;
-      values_block<DT>(prp + (b * H + h * rep) * (P + S), pvp + (g * HKV + h) * P * D,
-                       svp + (b * HKV + h) * Smax * D, op + (b * H + h * rep) * D, P, pl[g], S, rep, D);
+  at::parallel_for(0, G * HKV, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t gh = lo; gh < hi; ++gh) {  // padding slots have probability 0 and are not read
+      const int64_t plen = pl[gh / HKV];
+      if (plen == 0) std::fill(op + gh * Q * D, op + (gh + 1) * Q * D, 0.f);
+      else vla_gemm::gemm(prp + gh * Q * W, W, Q, plen, vpp + gh * vp.size(2) * P * kCols, P * kCols, D,
+                          op + gh * Q * D, D, false);
     }
   });
-  return out;
+  at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      suffix_values<DT>(prp + i * rep * W, svp + block(i), next(svp, i, hi), op + i * rep * D, P, S, rep, D);
+    }
+  });
+  return out.view({G, HKV, N, rep, D}).permute({0, 2, 1, 3, 4}).reshape({B, H, D});
 }
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor pk, torch::Tensor pv, torch::Tensor plens,
-                               torch::Tensor sk, torch::Tensor sv, int64_t S) {
-  for (const auto* t : {&q, &pk, &pv, &sk, &sv}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "decode_attention_cpu: q, prefix and suffix caches must be contiguous fp32 CPU tensors");
+void check_cpu_fp32(const torch::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "decode_attention_cpu: q, prefix and suffix caches must be contiguous fp32 CPU tensors");
+}
+
+const int64_t* checked_lens(const torch::Tensor& plens, int64_t G, int64_t P) {
+  TORCH_CHECK(plens.device().is_cpu() && plens.scalar_type() == at::kLong && plens.is_contiguous() &&
+                  plens.numel() == G,
+              "decode_attention_cpu: plens must hold G int64 lengths on the CPU");
+  const int64_t* pl = plens.data_ptr<int64_t>();
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(pl[g] >= 0 && pl[g] <= P, "decode_attention_cpu: plens must be in [0, P = ", P, "], got ", pl[g],
+                " for group ", g);
   }
-  TORCH_CHECK(q.dim() == 3 && pk.dim() == 4 && sk.dim() == 4 && pv.sizes() == pk.sizes() && sv.sizes() == sk.sizes(),
-              "decode_attention_cpu: q (B, H, D), prefix (G, Hkv, P, D), suffix (B, Hkv, Smax, D)");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = pk.size(0), HKV = pk.size(1);
-  TORCH_CHECK(G > 0 && B % G == 0 && HKV > 0 && H % HKV == 0 && pk.size(3) == D && sk.size(0) == B &&
-                  sk.size(1) == HKV && sk.size(3) == D,
+  return pl;
+}
+
+// The prefix caches (G, Hkv, P, D), valid for [0, plens[g]), as the GEMM's panels; zeros past plens[g].
+std::vector<torch::Tensor> pack_prefix(torch::Tensor pk, torch::Tensor pv, torch::Tensor plens) {
+  check_cpu_fp32(pk);
+  check_cpu_fp32(pv);
+  TORCH_CHECK(pk.dim() == 4 && pv.sizes() == pk.sizes(), "decode_attention_cpu: prefix k/v must be (G, Hkv, P, D)");
+  const int64_t G = pk.size(0), HKV = pk.size(1), P = pk.size(2), D = pk.size(3);
+  const int64_t Pp = (P + kCols - 1) / kCols * kCols, DP = (D + kCols - 1) / kCols;
+  const int64_t* pl = checked_lens(plens, G, P);
+  auto kp = torch::zeros({G, HKV, Pp / kCols, D, kCols}, pk.options());
+  auto vp = torch::zeros({G, HKV, DP, Pp, kCols}, pk.options());
+  const float *pkp = pk.data_ptr<float>(), *pvp = pv.data_ptr<float>();
+  float *kpp = kp.data_ptr<float>(), *vpp = vp.data_ptr<float>();
+  for (int64_t gh = 0; gh < G * HKV; ++gh) {
+    const int64_t plen = pl[gh / HKV];
+    const float *k = pkp + gh * P * D, *v = pvp + gh * P * D;
+    vla_gemm::pack_panels(k, D, plen, D, D, kpp + gh * Pp * D);  // "weight" rows = prefix slots
+    float* vdst = vpp + gh * DP * Pp * kCols;  // "weight" rows = head dims, K = prefix slots
+    for (int64_t j = 0; j < plen; ++j) {
+      for (int64_t d = 0; d < D; ++d) vdst[(d / kCols) * Pp * kCols + j * kCols + d % kCols] = v[j * D + d];
+    }
+  }
+  return {kp, vp};
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kp, torch::Tensor vp, torch::Tensor plens,
+                               torch::Tensor sk, torch::Tensor sv, int64_t S) {
+  for (const auto* t : {&q, &kp, &vp, &sk, &sv}) check_cpu_fp32(*t);
+  TORCH_CHECK(q.dim() == 3 && kp.dim() == 5 && vp.dim() == 5 && sk.dim() == 4 && sv.sizes() == sk.sizes(),
+              "decode_attention_cpu: q (B, H, D), prefix from pack_prefix, suffix (B, Hkv, Smax, D)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = kp.size(0), HKV = kp.size(1);
+  const int64_t P = kp.size(2) * kCols;
+  TORCH_CHECK(G > 0 && B % G == 0 && HKV > 0 && H % HKV == 0 && kp.size(3) == D && kp.size(4) == kCols &&
+                  vp.size(0) == G && vp.size(1) == HKV && vp.size(2) == (D + kCols - 1) / kCols &&
+                  vp.size(3) == P && vp.size(4) == kCols && sk.size(0) == B && sk.size(1) == HKV && sk.size(3) == D,
               "decode_attention_cpu: shapes do not agree (rows a multiple of groups, heads of kv heads, same D)");
   TORCH_CHECK(S >= 1 && S <= sk.size(2), "decode_attention_cpu: S must be in [1, Smax = ", sk.size(2), "], got ", S);
-  auto pl = plens.to(at::kLong).contiguous();
-  TORCH_CHECK(pl.device().is_cpu() && pl.numel() == G, "decode_attention_cpu: plens must hold G lengths on the CPU");
-  const int64_t* plp = pl.data_ptr<int64_t>();
-  for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK(plp[g] >= 0 && plp[g] <= pk.size(2), "decode_attention_cpu: plens must be in [0, P = ", pk.size(2),
-                "], got ", plp[g], " for group ", g);
-  }
+  const int64_t* pl = checked_lens(plens, G, P);
   switch (D) {  // the head sizes of the presets (tiny 16, small/paper 64) and common LLaMA ones
-    case 16: return run<16>(q, pk, pv, plp, sk, sv, S);
-    case 32: return run<32>(q, pk, pv, plp, sk, sv, S);
-    case 64: return run<64>(q, pk, pv, plp, sk, sv, S);
-    case 128: return run<128>(q, pk, pv, plp, sk, sv, S);
+    case 16: return run<16>(q, kp, vp, pl, sk, sv, S);
+    case 32: return run<32>(q, kp, vp, pl, sk, sv, S);
+    case 64: return run<64>(q, kp, vp, pl, sk, sv, S);
+    case 128: return run<128>(q, kp, vp, pl, sk, sv, S);
   }
-  return run<0>(q, pk, pv, plp, sk, sv, S);
+  return run<0>(q, kp, vp, pl, sk, sv, S);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_prefix", &pack_prefix, "the prefix caches as the GEMM's panels (kp, vp), once per rollout");
   m.def("decode_attention", &decode_attention, "single-token decode attention over a shared prefix + own suffix (fp32)");
 }

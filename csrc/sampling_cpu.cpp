@@ -41,17 +41,24 @@ VLA_CLONES void mass_above(const float* p, int64_t V, float pt, double* above, i
   *equal = eq;
 }
 
-// argmax of s over the values with p > thr, the first index on ties (as torch.argmax); -1 if none.
-int64_t argmax_above(const float* p, const float* s, int64_t V, float thr) {
-  int64_t best = -1;
+// argmax of s (no NaN) over the values with p > thr, the first index on ties (as torch.argmax); -1 if none.
+// Two passes, the first a vectorised max, the second stopping at the first index that reaches it.
+VLA_CLONES int64_t argmax_above(const float* p, const float* s, int64_t V, float thr) {
   float bv = -INFINITY;
+#pragma omp simd reduction(max : bv)
+  for (int64_t j = 0; j < V; ++j) bv = std::max(bv, p[j] > thr ? s[j] : -INFINITY);
   for (int64_t j = 0; j < V; ++j) {
-    if (p[j] > thr && (best < 0 || s[j] > bv)) {
-      bv = s[j];
-      best = j;
-    }
+    if (p[j] > thr && s[j] == bv) return j;
   }
-  return best;
+  return -1;
+}
+
+// No p is inf or NaN and no score is NaN (-inf scores are top-k's cut).
+VLA_CLONES bool all_finite(const float* p, const float* s, int64_t V) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < V; ++j) bad |= static_cast<int>(!(p[j] - p[j] == 0.f)) | static_cast<int>(s[j] != s[j]);
+  return bad == 0;
 }
 
 std::tuple<torch::Tensor, torch::Tensor> nucleus_argmax(torch::Tensor p, torch::Tensor score, double top_p,
@@ -70,9 +77,7 @@ std::tuple<torch::Tensor, torch::Tensor> nucleus_argmax(torch::Tensor p, torch::
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const float *pr = pp + b * V, *sr = sp + b * V;
-      bool finite = true;
-      for (int64_t j = 0; j < V; ++j) finite &= std::isfinite(pr[j]) && !std::isnan(sr[j]);
-      if (!finite) continue;
+      if (!all_finite(pr, sr, V)) continue;
       float thr = -INFINITY;  // values <= thr are dropped
       for (int64_t r = 0; r < rounds; ++r) {
         const int64_t t = argmax_above(pr, sr, V, thr);

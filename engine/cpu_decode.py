@@ -5,13 +5,13 @@ overhead and needless passes over the scores matter as much as the matmuls. Here
   - q/k/v and gate/up are one matmul each (WorldModel.fused_weights); the residual adds ride on addmm_;
   - rotary tables are built once per rollout for every suffix slot of every group and sliced per step;
   - rotary results are written into preallocated buffers, K straight from there into its cache slot;
-  - single-token attention is kernels/decode_attention_cpu.py: one query per (row, head), so matrix-vector
-    loops in C++ that read the suffix K/V once (no mask: every filled suffix slot is visible, the ragged
-    prefix is cut at each group's length); the prefix is shared by the group's rows;
+  - single-token attention is kernels/decode_attention_cpu.py: the group-shared prefix (packed once per rollout)
+    as a GEMM over the group's queries, each row's suffix as matrix-vector loops in C++ that read it once (no
+    mask: every filled suffix slot is visible; the ragged prefix is cut at each group's length);
   - the LM head runs over the dynamics-code rows of the last position only;
-  - in fp32 with MKL, the qkv, gate/up and head weights are pre-packed once per rollout for the B-row GEMM
-    (B >= 4; torch.ops.mkl._mkl_linear, the same product as torch.mm bit for bit at the tested 4-68 rows): no
-    re-packing of each weight on every step, which costs most where the K/V reads have evicted it from cache.
+  - in fp32 every weight is packed once per rollout for kernels/linear_cpu.py, a GEMM that prefetches the next
+    panel of weights while it multiplies this one: the K/V pass evicts the weights before each step's GEMMs, where
+    MKL runs at about half its in-cache rate. The residual adds are its accumulate mode.
 Chunks of more than one token (frame end + action) take the generic cached-attention path.
 Math follows WorldModel.hidden op for op (HF RMSNorm order, rotate_half rotary, fp32 softmax).
 """
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vla_rft_engine.kernels.decode_attention_cpu import decode_attention_cpu
+from vla_rft_engine.kernels.decode_attention_cpu import decode_attention_cpu, pack_prefix
+from vla_rft_engine.kernels.linear_cpu import linear_cpu, pack_linear_cpu
 
 from .attention import eager_attention
 
@@ -32,16 +33,6 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _mkl_pack(w: torch.Tensor, rows: int):
-    """(packed, w) for _mm, or None where torch.mm runs instead (no MKL, few rows, not fp32)."""
-    if rows < 4 or w.dtype != torch.float32 or not torch.backends.mkl.is_available():
-        return None  # under 4 rows torch.mm takes another kernel, which rounds differently
-    try:
-        return torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), rows), w
-    except (AttributeError, RuntimeError):
-        return None
-
-
 class CpuDecoder:
     def __init__(self, wm, cache, groups: int, samples: int, prefix_lens: torch.Tensor):
         cfg = wm.config
@@ -51,13 +42,18 @@ class CpuDecoder:
         dtype = wm.output.weight.dtype
         self.fused = wm.fused_weights()
         self.head = wm.output.weight[:cfg.num_codes]
-        self.packed = [(_mkl_pack(wqkv, self.B), _mkl_pack(w13, self.B)) for wqkv, w13 in self.fused]
-        self.packed_head = _mkl_pack(self.head, self.B)
+        # per layer: (wqkv, w13, wo, w2), each with its packed panels (None: torch.mm runs)
+        self.weights = [tuple((w, pack_linear_cpu(w)) for w in (wqkv, w13, blk.attention.wo.weight,
+                                                                 blk.feed_forward.w2.weight))
+                        for (wqkv, w13), blk in zip(self.fused, wm.layers)]
+        self.head = (self.head, pack_linear_cpu(self.head))
         # rotary tables for suffix slot s of group g: position prefix_lens[g] + s
         pos = prefix_lens.to(torch.int64)[:, None] + torch.arange(cache.suffix_len)
         cos, sin = wm.rope(pos)  # (G, S, D/2) fp32
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
         self.prefix_lens = prefix_lens.to(torch.int64).cpu().contiguous()  # host copy: no sync per step
+        # the prompt prefix is final after the prefill: packed once for the attention's GEMMs
+        self.prefix_packed = [pack_prefix(k, v, self.prefix_lens) for k, v in zip(cache.prefix_k, cache.prefix_v)]
         self._bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _buffers(self, L: int):
@@ -80,15 +76,11 @@ class CpuDecoder:
         o2.add_(torch.mul(x1, s, out=tmp))
         return out
 
-    def _mm(self, x: torch.Tensor, w: torch.Tensor, packed) -> torch.Tensor:
-        if packed is not None and x.shape[0] == self.B:
-            return torch.ops.mkl._mkl_linear(x, packed[0], packed[1], None, self.B)
-        return torch.mm(x, w.t())
-
     @staticmethod
-    def _residual(x, y, w):  # wo and w2 (not packed: the packed op has no fused residual add)
-        if x.dtype == torch.float32:  # the add rides in the GEMM epilogue
-            return x.addmm_(y, w.t())  # x is always this step's own tensor
+    def _residual(x, y, weight):  # x + y @ w.T
+        w, packed = weight
+        if x.dtype == torch.float32:  # the add rides in the GEMM
+            return linear_cpu(y, w, packed, out=x, accumulate=True)  # x is always this step's own tensor
         return x + torch.mm(y, w.t())  # low precision: round the product first, as the module does
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -98,9 +90,8 @@ class CpuDecoder:
         G, N, H, HKV, D = self.G, self.N, self.H, self.HKV, self.D
         s0 = c.s0_host
         x = self.wm.embed(ids, c).view(B * L, -1)  # + action conditioning when the model has it
-        for i, blk in enumerate(self.wm.layers):
-            wqkv, w13 = self.fused[i]
-            qkv = self._mm(_rms(x, blk.attention_norm.weight, cfg.rms_eps), wqkv, self.packed[i][0])
+        for i, (blk, (wqkv, w13, wo, w2)) in enumerate(zip(self.wm.layers, self.weights)):
+            qkv = linear_cpu(_rms(x, blk.attention_norm.weight, cfg.rms_eps), *wqkv)
             qk = qkv[:, :(H + HKV) * D].view(G, N, L, H + HKV, 2, D // 2)
             rot = self._rotary(qk, s0, L).view(B, L, H + HKV, D)
             sk, sv = c.suffix_k[i], c.suffix_v[i]
@@ -108,15 +99,15 @@ class CpuDecoder:
             sv[:, :, s0:s0 + L].copy_(qkv[:, (H + HKV) * D:].view(B, L, HKV, D).transpose(1, 2))
             if L == 1:
                 y = decode_attention_cpu(rot[:, 0, :H], c.prefix_k[i], c.prefix_v[i], self.prefix_lens, sk, sv,
-                                         s0 + 1).view(B, H * D)
+                                         s0 + 1, packed=self.prefix_packed[i]).view(B, H * D)
             else:
                 y = eager_attention(rot[:, :, :H].contiguous(), c.prefix_k[i], c.prefix_v[i], c.prefix_lens, sk, sv, c.s0,
                                     s0 + L).reshape(B * L, H * D)
-            x = self._residual(x, y, blk.attention.wo.weight)
-            gu = self._mm(_rms(x, blk.ffn_norm.weight, cfg.rms_eps), w13, self.packed[i][1])
+            x = self._residual(x, y, wo)
+            gu = linear_cpu(_rms(x, blk.ffn_norm.weight, cfg.rms_eps), *w13)
             I = gu.shape[1] // 2
-            g = F.silu(gu[:, :I], inplace=True).mul_(gu[:, I:])
-            x = self._residual(x, g, blk.feed_forward.w2.weight)
+            g = F.silu(gu[:, :I], inplace=True) * gu[:, I:]  # a new contiguous tensor for the GEMM
+            x = self._residual(x, g, w2)
         c.advance(L)
         h = _rms(x.view(B, L, -1)[:, -1], self.wm.norm.weight, cfg.rms_eps)
-        return self._mm(h, self.head, self.packed_head)
+        return linear_cpu(h, *self.head)

@@ -4,12 +4,12 @@
 q (B, H, D); prefix caches pk/pv (G, Hkv, P, D), read for slots [0, plens[g]) by the B/G rows of group g; suffix
 caches sk/sv (B, Hkv, Smax, D), slots [0, S) of each row; returns (B, H, D). GQA when H > Hkv.
 
-fp32 runs the C++ loop (csrc/decode_attention_cpu.cpp, module vla_rft_engine._attn_cpu): matrix-vector products
-that read the suffix K/V once, 1.3-1.8x faster than batched matmuls over the (row, head) pairs
-(bench/results/cpu_inference_cpu.json). Other dtypes, non-contiguous caches (the engine's never are), or a build
+fp32 runs C++ (csrc/decode_attention_cpu.cpp, module vla_rft_engine._attn_cpu): the prefix as one matrix product
+per (group, kv head), each row's suffix as matrix-vector loops that read it once, faster than batched matmuls over
+the (row, head) pairs (bench/results/cpu_inference_cpu.json). Other dtypes, non-contiguous caches (the engine's never are), or a build
 without the extension run `decode_attention_cpu_reference`: the prefix scored once per group with the N rows'
 queries stacked, fp32 softmax, as WorldModel.hidden computes. Prefix padding slots must hold finite values (the
-cache starts at zeros): the reference multiplies them by probability 0, the C++ loop skips them.
+cache starts at zeros): the reference multiplies them by probability 0, the C++ op does not read them.
 """
 from __future__ import annotations
 
@@ -46,11 +46,21 @@ def decode_attention_cpu_reference(q, pk, pv, plens, sk, sv, S: int) -> torch.Te
     return out.view(B, H, D)
 
 
-def decode_attention_cpu(q, pk, pv, plens, sk, sv, S: int) -> torch.Tensor:
-    """See the module docstring. plens: (G,) int64 on the CPU (host lengths; no device sync needed)."""
-    if _ext is not None and q.dtype == torch.float32 and q.device.type == "cpu" and all(
-            t.is_contiguous() for t in (pk, pv, sk, sv)):
-        return _ext.decode_attention(q.contiguous(), pk, pv, plens, sk, sv, S)
+def pack_prefix(pk, pv, plens):
+    """The prefix caches as the C++ op's GEMM panels (once per rollout: the prefix does not change after the
+    prefill), or None where the reference runs (other dtypes, no extension)."""
+    if _ext is None or pk.dtype != torch.float32 or pk.device.type != "cpu":
+        return None
+    return tuple(_ext.pack_prefix(pk.contiguous(), pv.contiguous(), plens.to(torch.int64).contiguous()))
+
+
+def decode_attention_cpu(q, pk, pv, plens, sk, sv, S: int, packed=None) -> torch.Tensor:
+    """See the module docstring. plens: (G,) int64 on the CPU (host lengths; no device sync needed); packed:
+    pack_prefix(pk, pv, plens), made here when not given."""
+    if _ext is not None and q.dtype == torch.float32 and q.device.type == "cpu" and sk.is_contiguous() and \
+            sv.is_contiguous():
+        kp, vp = packed if packed is not None else pack_prefix(pk, pv, plens)
+        return _ext.decode_attention(q.contiguous(), kp, vp, plens, sk, sv, S)
     global _warned
     if _ext is None and not _warned:
         _warned = True

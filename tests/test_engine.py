@@ -193,21 +193,6 @@ def test_fused_weights_same_logits_and_track_updates():
     assert "layers.0.attention.wq.weight" in wm.state_dict() and not any("fused" in k for k in wm.state_dict())
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch built without MKL: torch.mm runs instead")
-@pytest.mark.parametrize("rows", [4, 34, 68])
-def test_cpu_decode_packed_weights_give_torch_mm_bit_for_bit(rows):
-    """The decode step's pre-packed MKL GEMM is on for fp32 B >= 4 and returns torch.mm's product exactly; fewer
-    rows (where torch.mm takes a kernel that rounds differently) and other dtypes keep torch.mm."""
-    from vla_rft_engine.engine.cpu_decode import _mkl_pack
-    g = torch.Generator().manual_seed(0)
-    for n, k in ((768, 256), (4375, 256), (192, 64)):
-        w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
-        packed = _mkl_pack(w, rows)
-        assert packed is not None
-        assert torch.equal(torch.ops.mkl._mkl_linear(x, packed[0], packed[1], None, rows), torch.mm(x, w.t()))
-    assert _mkl_pack(w, 3) is None and _mkl_pack(w.bfloat16(), rows) is None
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("preset,lens", [("tiny", None), ("tiny", [12, 7]), ("small", [12, 9])])
 def test_cpu_decode_path_equals_generic_path(dtype, preset, lens):

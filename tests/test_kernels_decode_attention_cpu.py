@@ -50,7 +50,7 @@ def test_cpp_matches_sdpa_per_row(shape):
     *dims, S, ragged = shape
     q, pk, pv, plens, sk, sv = _inputs(*dims, ragged, torch.float32)
     from vla_rft_engine.kernels import decode_attention_cpu as mod
-    got = mod._ext.decode_attention(q, pk, pv, plens, sk, sv, S)  # the C++ op itself, not the launcher
+    got = mod._ext.decode_attention(q, *mod._ext.pack_prefix(pk, pv, plens), plens, sk, sv, S)  # the C++ op itself
     assert got.shape == q.shape and got.dtype == torch.float32
     torch.testing.assert_close(decode_attention_cpu(q, pk, pv, plens, sk, sv, S), got, atol=0, rtol=0)
     torch.testing.assert_close(got.double(), _naive(q, pk, pv, plens, sk, sv, S), atol=2e-6, rtol=2e-5)
@@ -85,14 +85,19 @@ def test_cpp_takes_strided_queries_and_refuses_bad_input():
     torch.testing.assert_close(decode_attention_cpu(wide, pk, pv, plens, sk, sv, 10),
                                decode_attention_cpu(q, pk, pv, plens, sk, sv, 10), atol=0, rtol=0)
     from vla_rft_engine.kernels import decode_attention_cpu as mod
+    kp, vp = mod._ext.pack_prefix(pk, pv, plens)
+    assert kp.shape == (1, 4, 1, 64, 32) and vp.shape == (1, 4, 2, 32, 32)  # P = 8 padded to one 32-slot panel
     with pytest.raises(RuntimeError, match=r"S must be in \[1, Smax = 10\], got 11"):
-        mod._ext.decode_attention(q, pk, pv, plens, sk, sv, 11)
+        mod._ext.decode_attention(q, kp, vp, plens, sk, sv, 11)
     with pytest.raises(RuntimeError, match=r"plens must be in \[0, P = 8\], got 9"):
-        mod._ext.decode_attention(q, pk, pv, torch.tensor([9]), sk, sv, 3)
+        mod._ext.pack_prefix(pk, pv, torch.tensor([9]))
     with pytest.raises(RuntimeError, match="contiguous fp32"):
-        mod._ext.decode_attention(q.double(), pk, pv, plens, sk, sv, 3)
+        mod._ext.decode_attention(q.double(), kp, vp, plens, sk, sv, 3)
     with pytest.raises(RuntimeError, match="shapes do not agree"):
-        mod._ext.decode_attention(q[:, :3].contiguous(), pk, pv, plens, sk, sv, 3)
+        mod._ext.decode_attention(q[:, :3].contiguous(), kp, vp, plens, sk, sv, 3)
+    with pytest.raises(RuntimeError, match="shapes do not agree"):  # a prefix packed for another head size
+        mod._ext.decode_attention(q, *mod._ext.pack_prefix(pk[..., :32].contiguous(), pv[..., :32].contiguous(),
+                                                           plens), plens, sk, sv, 3)
 
 
 def test_low_precision_takes_the_reference():
