@@ -4,7 +4,7 @@
 //
 // Why not MKL: at the CPU RFT shape (34 rows, K = 256/1024) a step's weights (~26 MB) have been pushed out of cache
 // by the K/V pass before every GEMM, and MKL's kernels then run at about half their in-cache rate, pre-packed
-// weights included (bench/results/cpu_inference_cpu.json, gemm_*).
+// weights included (bench/results/cpu_inference_cpu.json, decode_gemms).
 #include <torch/extension.h>
 
 #include "linear_cpu.h"

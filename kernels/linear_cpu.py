@@ -6,7 +6,7 @@
 
 The C++ loop (csrc/linear_cpu.cpp, module vla_rft_engine._linear_cpu) reads each 32-column panel once for all M
 rows and prefetches the next panel meanwhile; at the CPU RFT shape (34 rows) its weights have always been evicted
-by the K/V pass, where MKL runs at about half its in-cache rate (bench/results/cpu_inference_cpu.json, gemm_*).
+by the K/V pass, where MKL runs at about half its in-cache rate (bench/results/cpu_inference_cpu.json, decode_gemms).
 The reference is torch.mm / addmm_, which also runs for other dtypes or without the extension. One chain of
 multiply-adds per output over K: rounding differs from MKL's blocked sums by a few ulps of the row's magnitude.
 """
