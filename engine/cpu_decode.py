@@ -2,7 +2,7 @@
 
 At the CPU RFT shape (small preset, 34 rows) a decode step is a few hundred small ops, so per-op
 overhead and needless passes over the scores matter as much as the matmuls. Here:
-  - q/k/v and gate/up are one matmul each (WorldModel.fused_weights); the residual adds ride on addmm_;
+  - q/k/v and gate/up are one matmul each (WorldModel.fused_weights); the residual adds ride in the GEMM;
   - rotary tables are built once per rollout for every suffix slot of every group and sliced per step;
   - rotary results are written into preallocated buffers, K straight from there into its cache slot;
   - single-token attention is kernels/decode_attention_cpu.py: the group-shared prefix (packed once per rollout)
