@@ -4,6 +4,8 @@
 //
 //   q (B, H, D)   prefix k/v (G, Hkv, P, D) with valid lengths plens (G,)   suffix k/v (B, Hkv, Smax, D), slots [0, S)
 //   out[b, h] = softmax(q . [prefix[:plens[g]] | suffix[:S]] / sqrt(D)) @ [prefix | suffix]     g = b / (B / G)
+// or a chunk of L tokens per row, q (B, L, H, D), whose last L suffix slots are the chunk's own: position l sees
+// suffix[:S - L + 1 + l] (the frame's last token + the next action, in one step).
 //
 // The prefix is shared by a group's rows: its scores and its share of the output are one GEMM each per (group,
 // kv head) over the group's queries (csrc/linear_cpu.h), so it is read once per group, not once per row. Each
@@ -172,50 +174,58 @@ VLA_INLINE void axpy_rows(const float* p, const float* v, int64_t n, int64_t Drt
   }
 }
 
-// Suffix scores of the rep query heads (pre-scaled) that share one kv head, into their rows of Ptot + S.
+// Suffix scores of a row's queries on one kv head, (pre-scaled) L chunk positions x rep heads, into their rows of
+// Ptot + S: position l sees the first S - L + 1 + l slots (causal inside the chunk), -inf after them.
 template <int DT>
 VLA_CLONES void suffix_scores(const float* q, const float* sk, const float* sk_next, float* out, int64_t Ptot,
-                              int64_t S, int64_t rep, int64_t D) {
-  for (int64_t r = 0; r < rep; ++r) {  // rep > 1 re-reads this kv head's block from cache, not from memory
+                              int64_t S, int64_t L, int64_t rep, int64_t D) {
+  for (int64_t r = 0; r < L * rep; ++r) {  // more than one query re-reads this block from cache, not from memory
+    const int64_t Sl = S - L + 1 + r / rep;
+    float* o = out + r * (Ptot + S) + Ptot;
 #if VLA_VEC
     if constexpr (DT > 0 && DT % 16 == 0) {
-      dot_keys_vec<DT>(q + r * D, sk, S, out + r * (Ptot + S) + Ptot, {sk_next, S * D, S * D});
-      continue;
-    }
+      dot_keys_vec<DT>(q + r * D, sk, Sl, o, {sk_next, Sl * D, S * D});
+    } else
 #endif
-    dot_keys<DT>(q + r * D, sk, S, D, out + r * (Ptot + S) + Ptot);
+    {
+      dot_keys<DT>(q + r * D, sk, Sl, D, o);
+    }
+    std::fill(o + Sl, o + S, -INFINITY);
   }
 }
 
-// out rows (rep x D, holding the prefix's part) += probabilities of the suffix @ its values
+// out rows (holding the prefix's part) += probabilities of the suffix @ its values, the same queries as above
 template <int DT>
 VLA_CLONES void suffix_values(const float* p, const float* sv, const float* sv_next, float* out, int64_t Ptot,
-                              int64_t S, int64_t rep, int64_t D) {
-  for (int64_t r = 0; r < rep; ++r) {
+                              int64_t S, int64_t L, int64_t rep, int64_t D) {
+  for (int64_t r = 0; r < L * rep; ++r) {
+    const int64_t Sl = S - L + 1 + r / rep;
     const float* pr = p + r * (Ptot + S) + Ptot;
 #if VLA_VEC
     if constexpr (DT > 0 && DT % 16 == 0) {
       v16 a[DT / 16];
       std::memcpy(a, out + r * D, sizeof a);
-      axpy_rows_vec<DT>(pr, sv, S, a, {sv_next, S * D, S * D});
+      axpy_rows_vec<DT>(pr, sv, Sl, a, {sv_next, Sl * D, S * D});
       std::memcpy(out + r * D, a, sizeof a);
       continue;
     }
 #endif
-    axpy_rows<DT>(pr, sv, S, D, out + r * D);
+    axpy_rows<DT>(pr, sv, Sl, D, out + r * D);
   }
 }
 
-// Layout inside: (G, Hkv, N * rep, .), the queries of one kv head adjacent. The prefix comes packed (pack_prefix):
-// kp (G, Hkv, P / 32, D, 32) and vp (G, Hkv, ceil(D / 32), P, 32), P padded to panels, so that its scores and its
-// share of the output are one GEMM each per (group, kv head) over all the group's queries.
+// Layout inside: (G, Hkv, N, L, rep, .): the queries of one kv head adjacent, a row's L chunk positions together.
+// The prefix comes packed (pack_prefix): kp (G, Hkv, P / 32, D, 32) and vp (G, Hkv, ceil(D / 32), P, 32), P
+// padded to panels, so that its scores and its share of the output are one GEMM each per (group, kv head) over
+// all the group's queries (every chunk position sees the whole prefix).
 template <int DT>
 torch::Tensor run(const torch::Tensor& q, const torch::Tensor& kp, const torch::Tensor& vp, const int64_t* pl,
                   const torch::Tensor& sk, const torch::Tensor& sv, int64_t S) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = kp.size(0), HKV = kp.size(1);
-  const int64_t P = kp.size(2) * kCols, Smax = sk.size(2), N = B / G, rep = H / HKV, Q = N * rep, W = P + S;
-  const auto qs = q.mul(1.0 / std::sqrt(static_cast<double>(D))).view({G, N, HKV, rep, D}).permute({0, 2, 1, 3, 4})
-                      .contiguous();
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3), G = kp.size(0), HKV = kp.size(1);
+  const int64_t P = kp.size(2) * kCols, Smax = sk.size(2), N = B / G, rep = H / HKV, R = L * rep, Q = N * R;
+  const int64_t W = P + S;
+  const auto qs = q.mul(1.0 / std::sqrt(static_cast<double>(D))).view({G, N, L, HKV, rep, D})
+                      .permute({0, 3, 1, 2, 4, 5}).contiguous();
   auto scores = torch::empty({G, HKV, Q, W}, q.options());
   auto out = torch::empty({G, HKV, Q, D}, q.options());
   const float *qp = qs.data_ptr<float>(), *kpp = kp.data_ptr<float>(), *vpp = vp.data_ptr<float>();
@@ -234,7 +244,7 @@ torch::Tensor run(const torch::Tensor& q, const torch::Tensor& kp, const torch::
   auto next = [&](const float* base, int64_t i, int64_t hi) { return i + 1 < hi ? base + block(i + 1) : nullptr; };
   at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      suffix_scores<DT>(qp + i * rep * D, skp + block(i), next(skp, i, hi), scp + i * rep * W, P, S, rep, D);
+      suffix_scores<DT>(qp + i * R * D, skp + block(i), next(skp, i, hi), scp + i * R * W, P, S, L, rep, D);
     }
   });
   const auto prob = scores.softmax(-1);
@@ -249,10 +259,10 @@ torch::Tensor run(const torch::Tensor& q, const torch::Tensor& kp, const torch::
   });
   at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      suffix_values<DT>(prp + i * rep * W, svp + block(i), next(svp, i, hi), op + i * rep * D, P, S, rep, D);
+      suffix_values<DT>(prp + i * R * W, svp + block(i), next(svp, i, hi), op + i * R * D, P, S, L, rep, D);
     }
   });
-  return out.view({G, HKV, N, rep, D}).permute({0, 2, 1, 3, 4}).reshape({B, H, D});
+  return out.view({G, HKV, N, L, rep, D}).permute({0, 2, 3, 1, 4, 5}).reshape({B, L, H, D});
 }
 
 void check_cpu_fp32(const torch::Tensor& t) {
@@ -299,15 +309,18 @@ std::vector<torch::Tensor> pack_prefix(torch::Tensor pk, torch::Tensor pv, torch
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kp, torch::Tensor vp, torch::Tensor plens,
                                torch::Tensor sk, torch::Tensor sv, int64_t S) {
   for (const auto* t : {&q, &kp, &vp, &sk, &sv}) check_cpu_fp32(*t);
-  TORCH_CHECK(q.dim() == 3 && kp.dim() == 5 && vp.dim() == 5 && sk.dim() == 4 && sv.sizes() == sk.sizes(),
-              "decode_attention_cpu: q (B, H, D), prefix from pack_prefix, suffix (B, Hkv, Smax, D)");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = kp.size(0), HKV = kp.size(1);
+  TORCH_CHECK((q.dim() == 3 || q.dim() == 4) && kp.dim() == 5 && vp.dim() == 5 && sk.dim() == 4 &&
+                  sv.sizes() == sk.sizes(),
+              "decode_attention_cpu: q (B, H, D) or (B, L, H, D), prefix from pack_prefix, suffix (B, Hkv, Smax, D)");
+  if (q.dim() == 3) return decode_attention(q.unsqueeze(1), kp, vp, plens, sk, sv, S).squeeze(1);
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3), G = kp.size(0), HKV = kp.size(1);
   const int64_t P = kp.size(2) * kCols;
   TORCH_CHECK(G > 0 && B % G == 0 && HKV > 0 && H % HKV == 0 && kp.size(3) == D && kp.size(4) == kCols &&
                   vp.size(0) == G && vp.size(1) == HKV && vp.size(2) == (D + kCols - 1) / kCols &&
                   vp.size(3) == P && vp.size(4) == kCols && sk.size(0) == B && sk.size(1) == HKV && sk.size(3) == D,
               "decode_attention_cpu: shapes do not agree (rows a multiple of groups, heads of kv heads, same D)");
-  TORCH_CHECK(S >= 1 && S <= sk.size(2), "decode_attention_cpu: S must be in [1, Smax = ", sk.size(2), "], got ", S);
+  TORCH_CHECK(S >= L && S <= sk.size(2), "decode_attention_cpu: S must be in [L = ", L, ", Smax = ", sk.size(2),
+              "], got ", S);
   const int64_t* pl = checked_lens(plens, G, P);
   switch (D) {  // the head sizes of the presets (tiny 16, small/paper 64) and common LLaMA ones
     case 16: return run<16>(q, kp, vp, pl, sk, sv, S);

@@ -5,14 +5,15 @@ overhead and needless passes over the scores matter as much as the matmuls. Here
   - q/k/v and gate/up are one matmul each (WorldModel.fused_weights); the residual adds ride in the GEMM;
   - rotary tables are built once per rollout for every suffix slot of every group and sliced per step;
   - rotary results are written into preallocated buffers, K straight from there into its cache slot;
-  - single-token attention is kernels/decode_attention_cpu.py: the group-shared prefix (packed once per rollout)
+  - attention is kernels/decode_attention_cpu.py: the group-shared prefix (packed once per rollout)
     as a GEMM over the group's queries, each row's suffix as matrix-vector loops in C++ that read it once (no
     mask: every filled suffix slot is visible; the ragged prefix is cut at each group's length);
   - the LM head runs over the dynamics-code rows of the last position only;
   - in fp32 every weight is packed once per rollout for kernels/linear_cpu.py, a GEMM that prefetches the next
     panel of weights while it multiplies this one: the K/V pass evicts the weights before each step's GEMMs, where
     MKL runs at about half its in-cache rate. The residual adds are its accumulate mode.
-Chunks of more than one token (frame end + action) take the generic cached-attention path.
+Chunks of more than one token (a row's a_0, frame end + action) take the same C++ attention in fp32 (causal inside
+the chunk), the generic cached-attention path otherwise.
 Math follows WorldModel.hidden op for op (HF RMSNorm order, rotate_half rotary, fp32 softmax).
 """
 from __future__ import annotations
@@ -97,9 +98,10 @@ class CpuDecoder:
             sk, sv = c.suffix_k[i], c.suffix_v[i]
             sk[:, :, s0:s0 + L].copy_(rot[:, :, H:].transpose(1, 2))
             sv[:, :, s0:s0 + L].copy_(qkv[:, (H + HKV) * D:].view(B, L, HKV, D).transpose(1, 2))
-            if L == 1:
-                y = decode_attention_cpu(rot[:, 0, :H], c.prefix_k[i], c.prefix_v[i], self.prefix_lens, sk, sv,
-                                         s0 + 1, packed=self.prefix_packed[i]).view(B, H * D)
+            if L == 1 or self.prefix_packed[i] is not None:  # C++ (one token, or the action step's chunk)
+                q = rot[:, 0, :H] if L == 1 else rot[:, :, :H]
+                y = decode_attention_cpu(q, c.prefix_k[i], c.prefix_v[i], self.prefix_lens, sk, sv, s0 + L,
+                                         packed=self.prefix_packed[i]).reshape(B * L, H * D)
             else:
                 y = eager_attention(rot[:, :, :H].contiguous(), c.prefix_k[i], c.prefix_v[i], c.prefix_lens, sk, sv, c.s0,
                                     s0 + L).reshape(B * L, H * D)

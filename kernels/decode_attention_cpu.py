@@ -1,14 +1,16 @@
-"""Single-token decode attention on the CPU: each row's one query over its group's prompt prefix and its own suffix.
+"""Decode attention on the CPU: each row's queries over its group's prompt prefix and its own suffix.
 
     out = decode_attention_cpu(q, pk, pv, plens, sk, sv, S)
-q (B, H, D); prefix caches pk/pv (G, Hkv, P, D), read for slots [0, plens[g]) by the B/G rows of group g; suffix
-caches sk/sv (B, Hkv, Smax, D), slots [0, S) of each row; returns (B, H, D). GQA when H > Hkv.
+q (B, H, D), one token per row, or (B, L, H, D), a chunk of L tokens per row that fills the last L of the S suffix
+slots (position l sees slots [0, S - L + 1 + l): causal inside the chunk); prefix caches pk/pv (G, Hkv, P, D), read
+for slots [0, plens[g]) by the B/G rows of group g; suffix caches sk/sv (B, Hkv, Smax, D), slots [0, S) of each
+row; returns q's shape. GQA when H > Hkv.
 
 fp32 runs C++ (csrc/decode_attention_cpu.cpp, module vla_rft_engine._attn_cpu): the prefix as one matrix product
 per (group, kv head), each row's suffix as matrix-vector loops that read it once, faster than batched matmuls over
-the (row, head) pairs (bench/results/cpu_inference_cpu.json). Other dtypes, non-contiguous caches (the engine's never are), or a build
-without the extension run `decode_attention_cpu_reference`: the prefix scored once per group with the N rows'
-queries stacked, fp32 softmax, as WorldModel.hidden computes. Prefix padding slots must hold finite values (the
+the (row, head) pairs (bench/results/cpu_inference_cpu.json). Other dtypes, non-contiguous caches (the engine's
+never are), or a build without the extension run `decode_attention_cpu_reference`: the prefix scored once per
+group with the N rows' queries stacked, fp32 softmax, as WorldModel.hidden computes. Prefix padding slots must hold finite values (the
 cache starts at zeros): the reference multiplies them by probability 0, the C++ op does not read them.
 """
 from __future__ import annotations
@@ -29,6 +31,10 @@ def extension_available() -> bool:
 
 
 def decode_attention_cpu_reference(q, pk, pv, plens, sk, sv, S: int) -> torch.Tensor:
+    if q.dim() == 4:  # a chunk: position l sees the suffix up to its own slot
+        L = q.shape[1]
+        return torch.stack([decode_attention_cpu_reference(q[:, l], pk, pv, plens, sk, sv, S - L + 1 + l)
+                            for l in range(L)], 1)
     B, H, D = q.shape
     G, HKV, P, _ = pk.shape
     N, rep = B // G, H // HKV

@@ -74,7 +74,7 @@ def test_cpu_inference_bench_times_the_default_paths_against_what_they_replaced(
     assert rec["cases"]["tokenizer_decode"]["max_abs_diff"] < 1e-5  # the same frames
     assert rec["cases"]["tokenizer_encode"]["ids_differing"] == 0
     assert all(rec["cases"][f"decode_attention_S{S}"]["max_abs_diff"] < 1e-5 for S in (30, 290, 560))
-    assert rec["cases"]["decode_gemms"]["bitwise_equal"]
+    assert rec["cases"]["decode_gemms"]["max_abs_diff"] < 1e-4  # the same products, summed in another order
 
 
 def test_suite_table_picks_ratios():

@@ -21,6 +21,8 @@ SHAPES = [
 
 
 def _naive(q, pk, pv, plens, sk, sv, S):
+    if q.dim() == 4:  # a chunk of L: position l sees the suffix up to its own slot, S - L + 1 + l
+        return torch.stack([_naive(q[:, l], pk, pv, plens, sk, sv, S - q.shape[1] + 1 + l) for l in range(q.shape[1])], 1)
     B, H, D = q.shape
     G, HKV = pk.shape[:2]
     out = torch.empty(B, H, D, dtype=torch.float64)
@@ -66,6 +68,33 @@ def test_reference_matches_sdpa_per_row(shape, dtype):
     torch.testing.assert_close(got.double(), _naive(q, pk, pv, plens, sk, sv, S), **tol)
 
 
+# G, N, H, Hkv, D, P, Smax, S, ragged, L
+CHUNKS = [(2, 17, 4, 4, 64, 40, 30, 15, None, 8),  # the CPU RFT's action step: frame end + 7 action tokens
+          (2, 3, 4, 2, 64, 33, 20, 7, [33, 5], 7),  # each row's own a_0 right after the prefill (S = L), GQA
+          (1, 4, 6, 3, 48, 9, 12, 12, [0], 3),  # runtime D, no prefix
+          (4, 9, 4, 2, 16, 21, 19, 10, None, 2)]  # the tiny world model
+
+
+@pytest.mark.parametrize("shape", CHUNKS)
+def test_chunk_is_causal_inside_and_matches_sdpa(shape):
+    """A chunk of L tokens per row: position l sees the prefix and the suffix up to its own slot. The C++ op (where
+    built) and the reference against per-(row, position, head) attention in float64."""
+    *dims, S, ragged, L = shape
+    q, pk, pv, plens, sk, sv = _inputs(*dims, ragged, torch.float32)
+    qc = torch.randn(q.shape[0], L, *q.shape[1:], generator=torch.Generator().manual_seed(5))
+    want = _naive(qc, pk, pv, plens, sk, sv, S)
+    sk[:, :, S:], sv[:, :, S:] = float("nan"), float("nan")  # past the chunk: never read
+    torch.testing.assert_close(decode_attention_cpu_reference(qc, pk, pv, plens, sk, sv, S).double(), want,
+                               atol=2e-6, rtol=2e-5)
+    if extension_available():
+        got = decode_attention_cpu(qc, pk, pv, plens, sk, sv, S)
+        assert got.shape == qc.shape
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-5)
+        from vla_rft_engine.kernels import decode_attention_cpu as mod
+        with pytest.raises(RuntimeError, match=rf"S must be in \[L = {L}, Smax"):
+            mod._ext.decode_attention(qc, *mod._ext.pack_prefix(pk, pv, plens), plens, sk, sv, L - 1)
+
+
 @needs_ext
 def test_cpp_reads_only_the_valid_slots():
     """Prefix padding and suffix slots past S hold NaN: a read of either would poison the output."""
@@ -87,7 +116,7 @@ def test_cpp_takes_strided_queries_and_refuses_bad_input():
     from vla_rft_engine.kernels import decode_attention_cpu as mod
     kp, vp = mod._ext.pack_prefix(pk, pv, plens)
     assert kp.shape == (1, 4, 1, 64, 32) and vp.shape == (1, 4, 2, 32, 32)  # P = 8 padded to one 32-slot panel
-    with pytest.raises(RuntimeError, match=r"S must be in \[1, Smax = 10\], got 11"):
+    with pytest.raises(RuntimeError, match=r"S must be in \[L = 1, Smax = 10\], got 11"):
         mod._ext.decode_attention(q, kp, vp, plens, sk, sv, 11)
     with pytest.raises(RuntimeError, match=r"plens must be in \[0, P = 8\], got 9"):
         mod._ext.pack_prefix(pk, pv, torch.tensor([9]))
