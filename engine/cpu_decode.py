@@ -42,12 +42,12 @@ class CpuDecoder:
         self.H, self.HKV, self.D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         dtype = wm.output.weight.dtype
         self.fused = wm.fused_weights()
-        self.head = wm.output.weight[:cfg.num_codes]
+        head = wm.output.weight[:cfg.num_codes]  # dynamics codes only
         # per layer: (wqkv, w13, wo, w2), each with its packed panels (None: torch.mm runs)
         self.weights = [tuple((w, pack_linear_cpu(w)) for w in (wqkv, w13, blk.attention.wo.weight,
                                                                  blk.feed_forward.w2.weight))
                         for (wqkv, w13), blk in zip(self.fused, wm.layers)]
-        self.head = (self.head, pack_linear_cpu(self.head))
+        self.head = (head, pack_linear_cpu(head))
         # rotary tables for suffix slot s of group g: position prefix_lens[g] + s
         pos = prefix_lens.to(torch.int64)[:, None] + torch.arange(cache.suffix_len)
         cos, sin = wm.rope(pos)  # (G, S, D/2) fp32
