@@ -14,8 +14,8 @@
 // per-matrix GEMM calls (bench/results/cpu_inference_cpu.json). That pass must compute faster than memory
 // delivers, or the two add up: for head sizes that are multiples of 16, 16 keys are dotted at once into 16 vectors
 // of partial sums that one shuffle tree reduces (a horizontal sum per key cost ~30 instructions and held the pass
-// to ~40 GB/s from cache), and lines a few KB ahead are prefetched. The softmax runs between the two passes
-// (torch's vectorised one).
+// to ~40 GB/s from cache), and four blocks are read side by side to keep more lines in flight. The softmax runs
+// between the two passes (torch's vectorised one).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -41,24 +41,10 @@ using vla_gemm::load16;
 using vla_gemm::v16;
 typedef int i16 __attribute__((vector_size(64)));
 
-// A pass over a row's K or V is a 10-150 KB stream that the next row's continues: the hardware prefetcher alone
-// keeps too few lines in flight on one core (~9-13 GB/s measured here against ~19 with this). `Stream`: the block
-// being read and the one read after it; lines kPrefetch bytes ahead are requested, crossing into the next block.
-constexpr int64_t kPrefetch = 8192 / sizeof(float);
-struct Stream {
-  const float* next;
-  int64_t len, next_len;  // floats
-};
-
-VLA_INLINE void prefetch_ahead(const float* base, int64_t off, int64_t count, const Stream& st) {
-  for (int64_t l = off + kPrefetch; l < off + kPrefetch + count; l += 16) {  // one 64-byte line per 16 floats
-    if (l < st.len) {
-      __builtin_prefetch(base + l, 0, 3);
-    } else if (st.next != nullptr && l - st.len < st.next_len) {
-      __builtin_prefetch(st.next + (l - st.len), 0, 3);
-    }
-  }
-}
+// Each (row, kv head) suffix block is a 10-150 KB stream, read once per step, past any cache. One stream at a time
+// keeps too few lines in flight on one core; kWays blocks read side by side, a key of each in turn, do not
+// (interleaved passes measured ~20 GB/s here against ~13 for one block with software prefetch).
+constexpr int kWays = 4;
 
 // Lane j of the result = the sum of p[j]'s 16 lanes. Each level folds lane halves of two vectors into one, keys
 // kept in order: 15 folds of two shuffles and an add for 16 keys.
@@ -80,56 +66,54 @@ VLA_INLINE v16 hsum16(const v16* p) {
   return fold(z[0], z[1], d0, d1);
 }
 
-// out[j] = q . k[j] for j < n, D = DT a multiple of 16
-template <int DT>
-VLA_INLINE void dot_keys_vec(const float* q, const float* k, int64_t n, float* out, const Stream& st) {
+// out[w][j] = q[w] . k[w][j] for j < n and each of the W blocks, D = DT a multiple of 16
+template <int DT, int W>
+VLA_INLINE void dot_keys_vec(const float* const* q, const float* const* k, int64_t n, float* const* out) {
   constexpr int C = DT / 16;
-  v16 qv[C], p[16];
-  for (int c = 0; c < C; ++c) qv[c] = load16(q + 16 * c);
+  v16 qv[W][C], p[W][16];
+  for (int w = 0; w < W; ++w) {
+    for (int c = 0; c < C; ++c) qv[w][c] = load16(q[w] + 16 * c);
+  }
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    prefetch_ahead(k, j * DT, 16 * DT, st);
     for (int t = 0; t < 16; ++t) {
-      const float* kt = k + (j + t) * DT;
-      v16 a = qv[0] * load16(kt);
-      for (int c = 1; c < C; ++c) a += qv[c] * load16(kt + 16 * c);
-      p[t] = a;
+      for (int w = 0; w < W; ++w) {
+        const float* kt = k[w] + (j + t) * DT;
+        v16 a = qv[w][0] * load16(kt);
+        for (int c = 1; c < C; ++c) a += qv[w][c] * load16(kt + 16 * c);
+        p[w][t] = a;
+      }
     }
-    const v16 s = hsum16(p);
-    std::memcpy(out + j, &s, sizeof s);
+    for (int w = 0; w < W; ++w) {
+      const v16 s = hsum16(p[w]);
+      std::memcpy(out[w] + j, &s, sizeof s);
+    }
   }
   if (j < n) {  // the last 1-15 keys
     const int64_t m = n - j;
-    for (int t = 0; t < 16; ++t) {
-      p[t] = v16{};
-      if (t < m) {
-        for (int c = 0; c < C; ++c) p[t] += qv[c] * load16(k + (j + t) * DT + 16 * c);
+    for (int w = 0; w < W; ++w) {
+      for (int t = 0; t < 16; ++t) {
+        p[w][t] = v16{};
+        if (t < m) {
+          for (int c = 0; c < C; ++c) p[w][t] += qv[w][c] * load16(k[w] + (j + t) * DT + 16 * c);
+        }
       }
+      const v16 s = hsum16(p[w]);
+      std::memcpy(out[w] + j, &s, m * sizeof(float));
     }
-    const v16 s = hsum16(p);
-    std::memcpy(out + j, &s, m * sizeof(float));
   }
 }
 
-// acc[0:D] += sum_j p[j] * v[j] for j < n; two accumulator sets so the adds do not wait on each other
-template <int DT>
-VLA_INLINE void axpy_rows_vec(const float* p, const float* v, int64_t n, v16* acc, const Stream& st) {
+// acc[w][0:D] += sum_j p[w][j] * v[w][j] for j < n and each of the W blocks
+template <int DT, int W>
+VLA_INLINE void axpy_rows_vec(const float* const* p, const float* const* v, int64_t n, v16 (*acc)[DT / 16]) {
   constexpr int C = DT / 16;
-  v16 acc2[C];
-  for (int c = 0; c < C; ++c) acc2[c] = v16{};
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    prefetch_ahead(v, j * DT, 2 * DT, st);
-    const float w0 = p[j], w1 = p[j + 1];
-    for (int c = 0; c < C; ++c) {
-      acc[c] += w0 * load16(v + j * DT + 16 * c);
-      acc2[c] += w1 * load16(v + (j + 1) * DT + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int w = 0; w < W; ++w) {
+      const float pj = p[w][j];
+      for (int c = 0; c < C; ++c) acc[w][c] += pj * load16(v[w] + j * DT + 16 * c);
     }
   }
-  if (j < n) {
-    for (int c = 0; c < C; ++c) acc[c] += p[j] * load16(v + j * DT + 16 * c);
-  }
-  for (int c = 0; c < C; ++c) acc[c] += acc2[c];
 }
 #endif
 
@@ -174,43 +158,59 @@ VLA_INLINE void axpy_rows(const float* p, const float* v, int64_t n, int64_t Drt
   }
 }
 
-// Suffix scores of a row's queries on one kv head, (pre-scaled) L chunk positions x rep heads, into their rows of
-// Ptot + S: position l sees the first S - L + 1 + l slots (causal inside the chunk), -inf after them.
+// Suffix scores of the queries of `ways` consecutive (row, kv head) blocks: (pre-scaled) L chunk positions x rep
+// heads each, R = L * rep rows of Ptot + S per block, block w's at q + w * R * D and out + w * R * (Ptot + S). Query
+// r sees the first S - L + 1 + r / rep slots (causal inside the chunk), -inf after them.
 template <int DT>
-VLA_CLONES void suffix_scores(const float* q, const float* sk, const float* sk_next, float* out, int64_t Ptot,
+VLA_CLONES void suffix_scores(const float* q, const float* const* sk, float* out, int64_t ways, int64_t Ptot,
                               int64_t S, int64_t L, int64_t rep, int64_t D) {
-  for (int64_t r = 0; r < L * rep; ++r) {  // more than one query re-reads this block from cache, not from memory
+  const int64_t R = L * rep;
+  for (int64_t r = 0; r < R; ++r) {  // more than one query re-reads these blocks from cache, not from memory
     const int64_t Sl = S - L + 1 + r / rep;
-    float* o = out + r * (Ptot + S) + Ptot;
+    const float* qw[kWays] = {};
+    float* ow[kWays] = {};
+    for (int64_t w = 0; w < ways; ++w) qw[w] = q + (w * R + r) * D, ow[w] = out + (w * R + r) * (Ptot + S) + Ptot;
 #if VLA_VEC
     if constexpr (DT > 0 && DT % 16 == 0) {
-      dot_keys_vec<DT>(q + r * D, sk, Sl, o, {sk_next, Sl * D, S * D});
+      switch (ways) {
+        case 4: dot_keys_vec<DT, 4>(qw, sk, Sl, ow); break;
+        case 3: dot_keys_vec<DT, 3>(qw, sk, Sl, ow); break;
+        case 2: dot_keys_vec<DT, 2>(qw, sk, Sl, ow); break;
+        default: dot_keys_vec<DT, 1>(qw, sk, Sl, ow); break;
+      }
     } else
 #endif
     {
-      dot_keys<DT>(q + r * D, sk, Sl, D, o);
+      for (int64_t w = 0; w < ways; ++w) dot_keys<DT>(qw[w], sk[w], Sl, D, ow[w]);
     }
-    std::fill(o + Sl, o + S, -INFINITY);
+    for (int64_t w = 0; w < ways; ++w) std::fill(ow[w] + Sl, ow[w] + S, -INFINITY);
   }
 }
 
-// out rows (holding the prefix's part) += probabilities of the suffix @ its values, the same queries as above
+// out rows (holding the prefix's part) += probabilities of the suffix @ its values, the same blocks as above
 template <int DT>
-VLA_CLONES void suffix_values(const float* p, const float* sv, const float* sv_next, float* out, int64_t Ptot,
+VLA_CLONES void suffix_values(const float* p, const float* const* sv, float* out, int64_t ways, int64_t Ptot,
                               int64_t S, int64_t L, int64_t rep, int64_t D) {
-  for (int64_t r = 0; r < L * rep; ++r) {
+  const int64_t R = L * rep;
+  for (int64_t r = 0; r < R; ++r) {
     const int64_t Sl = S - L + 1 + r / rep;
-    const float* pr = p + r * (Ptot + S) + Ptot;
+    const float* pw[kWays] = {};
+    for (int64_t w = 0; w < ways; ++w) pw[w] = p + (w * R + r) * (Ptot + S) + Ptot;
 #if VLA_VEC
     if constexpr (DT > 0 && DT % 16 == 0) {
-      v16 a[DT / 16];
-      std::memcpy(a, out + r * D, sizeof a);
-      axpy_rows_vec<DT>(pr, sv, Sl, a, {sv_next, Sl * D, S * D});
-      std::memcpy(out + r * D, a, sizeof a);
+      v16 a[kWays][DT / 16];
+      for (int64_t w = 0; w < ways; ++w) std::memcpy(a[w], out + (w * R + r) * D, sizeof a[w]);
+      switch (ways) {
+        case 4: axpy_rows_vec<DT, 4>(pw, sv, Sl, a); break;
+        case 3: axpy_rows_vec<DT, 3>(pw, sv, Sl, a); break;
+        case 2: axpy_rows_vec<DT, 2>(pw, sv, Sl, a); break;
+        default: axpy_rows_vec<DT, 1>(pw, sv, Sl, a); break;
+      }
+      for (int64_t w = 0; w < ways; ++w) std::memcpy(out + (w * R + r) * D, a[w], sizeof a[w]);
       continue;
     }
 #endif
-    axpy_rows<DT>(pr, sv, Sl, D, out + r * D);
+    for (int64_t w = 0; w < ways; ++w) axpy_rows<DT>(pw[w], sv[w], Sl, D, out + (w * R + r) * D);
   }
 }
 
@@ -241,10 +241,15 @@ torch::Tensor run(const torch::Tensor& q, const torch::Tensor& kp, const torch::
   });
   // i = (g, h, n): a group's rows inside each head; its suffix block is row b = g * N + n of head h
   auto block = [&](int64_t i) { return ((i / (HKV * N) * N + i % N) * HKV + i / N % HKV) * Smax * D; };
-  auto next = [&](const float* base, int64_t i, int64_t hi) { return i + 1 < hi ? base + block(i + 1) : nullptr; };
+  auto blocks = [&](const float* base, int64_t i, int64_t ways, const float** dst) {
+    for (int64_t w = 0; w < ways; ++w) dst[w] = base + block(i + w);
+  };
   at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      suffix_scores<DT>(qp + i * R * D, skp + block(i), next(skp, i, hi), scp + i * R * W, P, S, L, rep, D);
+    for (int64_t i = lo; i < hi; i += kWays) {
+      const int64_t ways = std::min<int64_t>(kWays, hi - i);
+      const float* kw[kWays] = {};
+      blocks(skp, i, ways, kw);
+      suffix_scores<DT>(qp + i * R * D, kw, scp + i * R * W, ways, P, S, L, rep, D);
     }
   });
   const auto prob = scores.softmax(-1);
@@ -258,8 +263,11 @@ torch::Tensor run(const torch::Tensor& q, const torch::Tensor& kp, const torch::
     }
   });
   at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      suffix_values<DT>(prp + i * R * W, svp + block(i), next(svp, i, hi), op + i * R * D, P, S, L, rep, D);
+    for (int64_t i = lo; i < hi; i += kWays) {
+      const int64_t ways = std::min<int64_t>(kWays, hi - i);
+      const float* vw[kWays] = {};
+      blocks(svp, i, ways, vw);
+      suffix_values<DT>(prp + i * R * W, vw, op + i * R * D, ways, P, S, L, rep, D);
     }
   });
   return out.view({G, HKV, N, L, rep, D}).permute({0, 2, 3, 1, 4, 5}).reshape({B, L, H, D});

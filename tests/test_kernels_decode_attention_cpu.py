@@ -17,6 +17,8 @@ SHAPES = [
     (3, 2, 6, 3, 32, 9, 11, 7, [9, 1, 4]),  # D without a specialisation (runtime D), rep 2, a 1-token prompt
     (2, 4, 2, 1, 48, 6, 9, 9, [0, 6]),  # a group with no prefix at all
     (4, 9, 4, 2, 16, 21, 19, 6, None),  # the quickstart's tiny world model (D = 16, rep 2)
+    (1, 7, 4, 1, 64, 12, 20, 17, None),  # 7 (row, kv head) blocks: one pass of 4 side by side, one of 3
+    (1, 5, 2, 1, 32, 8, 10, 10, [3]),  # 5 blocks: 4 side by side, then 1
 ]
 
 
