@@ -39,7 +39,8 @@ def extensions():
     # -fopenmp: at::parallel_for is OpenMP-backed in torch builds and is inlined into our code.
     exts = [CppExtension("vla_rft_engine._vq_cpu", ["csrc/vq_decode_cpu.cpp"], depends=["csrc/vq_decode_common.h"],
                          extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"]),
-            CppExtension("vla_rft_engine._attn_cpu", ["csrc/decode_attention_cpu.cpp"], depends=["csrc/linear_cpu.h"],
+            CppExtension("vla_rft_engine._attn_cpu", ["csrc/decode_attention_cpu.cpp"],
+                         depends=["csrc/decode_attention_cpu.h", "csrc/linear_cpu.h"],
                          extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"]),
             CppExtension("vla_rft_engine._linear_cpu", ["csrc/linear_cpu.cpp"], depends=["csrc/linear_cpu.h"],
                          extra_compile_args={"cxx": cxx}),

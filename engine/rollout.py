@@ -206,7 +206,7 @@ def rollout(wm, prompt_ids, action_ids, tokens_per_frame: int = 64, num_samples:
     step: Callable[[torch.Tensor], torch.Tensor]  # a model step on a chunk: CpuDecoder or the generic one
     if cpu_fast:
         from .cpu_decode import CpuDecoder
-        step = CpuDecoder(wm, cache, G, NR, lens)
+        step = CpuDecoder(wm, cache, lens)
     else:
         step = _generic_forward(wm, cache)
     clock.lap("setup_s")
