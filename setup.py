@@ -40,11 +40,11 @@ def extensions():
     exts = [CppExtension("vla_rft_engine._vq_cpu", ["csrc/vq_decode_cpu.cpp"], depends=["csrc/vq_decode_common.h"],
                          extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"]),
             CppExtension("vla_rft_engine._attn_cpu", ["csrc/decode_attention_cpu.cpp"],
-                         depends=["csrc/decode_attention_cpu.h", "csrc/linear_cpu.h"],
+                         depends=["csrc/decode_attention_cpu.h", "csrc/linear_cpu.h", "csrc/simd.h"],
                          extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"]),
-            CppExtension("vla_rft_engine._linear_cpu", ["csrc/linear_cpu.cpp"], depends=["csrc/linear_cpu.h"],
+            CppExtension("vla_rft_engine._linear_cpu", ["csrc/linear_cpu.cpp"], depends=["csrc/linear_cpu.h", "csrc/simd.h"],
                          extra_compile_args={"cxx": cxx}),
-            CppExtension("vla_rft_engine._sampling_cpu", ["csrc/sampling_cpu.cpp"],
+            CppExtension("vla_rft_engine._sampling_cpu", ["csrc/sampling_cpu.cpp"], depends=["csrc/simd.h"],
                          extra_compile_args={"cxx": cxx + ["-fopenmp"]}, extra_link_args=["-fopenmp"])]
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     if nvcc and os.path.exists(nvcc) and not os.environ.get("VLA_RFT_NO_CUDA"):

@@ -13,6 +13,9 @@ Cases (each: production default vs the labelled baseline; ratio = default median
                     logits N(0, 0.3) (a random-init model's) and N(0, 3) (a trained model's). Default:
                     kernels/sampling.sample_cpu. Baseline: sample_cpu with every row through its sorted cut
                     (_sorted_cut_argmax: the path before the no-sort check); sample_reference (full argsort) is timed too.
+  gumbel            the Gumbel transform -log(-log(u)) of 34 x 4375 uniforms in place (each sampling step's noise).
+                    Default: kernels/sampling.gumbel_from_uniform_ (C++, vectorised log). Baseline:
+                    gumbel_from_uniform_reference_ (torch's clamp / log / neg passes).
   decode_attention_S{30,290,560}  the world model's single-token attention at the CPU bench's RFT shape (small
                     preset: 4 layers, 4 heads of 64; 2 groups x 17 rows (--rows); 320-token shared prefix; S filled suffix
                     slots: the first, middle and last frame of 8), each layer's own caches, so the K/V come from
@@ -23,6 +26,10 @@ Cases (each: production default vs the labelled baseline; ratio = default median
                     (+ residual) for 4 layers and the head, timed after an 84 MB read (a step's K/V volume at the
                     middle frame, which evicts the weights, as in a rollout). Default: kernels/linear_cpu on weights
                     packed once (engine/cpu_decode.py). Baseline: torch.mm / addmm_ (MKL) on the weights.
+  decode_layers_S290  one decode step's 4 layers at the middle frame (S = 290), the attention cases' shape, dim 256,
+                    SwiGLU 1024, each layer's own caches. Default: kernels/decode_layer_cpu (one C++ call per layer,
+                    as engine/cpu_decode.py runs it). Baseline: decode_layer_cpu_reference (torch ops: MKL GEMMs,
+                    batched-matmul attention; the path for other dtypes or without the build).
 """
 from __future__ import annotations
 
@@ -100,6 +107,16 @@ def _sampling_cases(rows: int, vocab: int, repeats: int) -> dict:
                      "baseline": {"what": "sample_cpu with every row through the sorted cut (the path before the no-sort check)", **tb},
                      "reference": {"what": "sample_reference: full argsort", **tr},
                      "ratio": td["median_s"] / tb["median_s"], "tokens_equal_reference": True}
+    from vla_rft_engine.kernels.sampling import gumbel_from_uniform_, gumbel_from_uniform_reference_
+    from vla_rft_engine.utils import nvtx_range
+    u = torch.rand(rows, vocab, generator=torch.Generator().manual_seed(3))
+    diff = (gumbel_from_uniform_(u.clone()) - gumbel_from_uniform_reference_(u.clone())).abs().max().item()
+    with nvtx_range("bench.gumbel"):  # each call transforms a fresh copy (the copy is timed on both sides)
+        td = time_fn(lambda: gumbel_from_uniform_(u.clone()), repeats=repeats, warmup=3)
+        tb = time_fn(lambda: gumbel_from_uniform_reference_(u.clone()), repeats=repeats, warmup=3)
+    out["gumbel"] = {"shape": [rows, vocab], "default": {"what": "kernels/sampling.gumbel_from_uniform_ (C++ on fp32 CPU)", **td},
+                     "baseline": {"what": "gumbel_from_uniform_reference_ (torch clamp/log/neg)", **tb},
+                     "ratio": td["median_s"] / tb["median_s"], "max_abs_diff": diff}
     return out
 
 
@@ -163,7 +180,41 @@ def _decode_cases(rows: int, vocab: int, repeats: int) -> dict:
                             f"{all(p is not None for p in packs)})", **td},
         "baseline": {"what": "torch.mm / addmm_ (MKL) on the weights", **tb}, "ratio": td["median_s"] / tb["median_s"],
         "max_abs_diff": diff}
+    out["decode_layers_S290"] = _layer_case(pk, pv, sk, sv, plens, packed, 290, g, repeats)
     return out
+
+
+def _layer_case(pk, pv, sk, sv, plens, packed, S: int, g, repeats: int) -> dict:
+    from vla_rft_engine.kernels.decode_layer_cpu import decode_layer_cpu, decode_layer_cpu_reference, layer_weights
+    from vla_rft_engine.utils import nvtx_range
+    layers, G, H, P, D = pk.shape
+    B, dim, inter = sk.shape[1], 256, 1024
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * shape[-1] ** -0.5
+    ws = [layer_weights(torch.ones(dim), r(3 * H * D, dim), r(dim, H * D), torch.ones(dim), r(2 * inter, dim),
+                        r(dim, inter)) for _ in range(layers)]
+    ang = torch.randn(G, sk.shape[3], D // 2, generator=g)
+    cos, sin = ang.cos(), ang.sin()
+    x0 = torch.randn(B, 1, dim, generator=g)
+
+    def step(fn, packed_prefix: bool):  # the step's token sits in slot S - 1 of every layer (rewritten each call)
+        x = x0.clone()
+        for i in range(layers):
+            extra = (packed[i],) if packed_prefix else ()
+            x = fn(x, ws[i], cos, sin, pk[i], pv[i], plens, sk[i], sv[i], S - 1, H, 1e-6, *extra)
+        return x
+    ours = lambda: step(decode_layer_cpu, True)  # noqa: E731
+    base = lambda: step(decode_layer_cpu_reference, False)  # noqa: E731
+    diff = (ours() - base()).abs().max().item()
+    with nvtx_range(f"bench.decode_layers_S{S}"):
+        td = time_fn(ours, repeats=repeats, warmup=2)
+        tb = time_fn(base, repeats=repeats, warmup=2)
+    return {"shape": {"layers": layers, "rows": B, "heads": H, "head_dim": D, "dim": dim, "intermediate": inter,
+                      "prefix": P, "suffix": S},
+            "default": {"what": "kernels/decode_layer_cpu: one C++ call per layer (built: "
+                                f"{all(w.packed is not None for w in ws) and packed[0] is not None})", **td},
+            "baseline": {"what": "decode_layer_cpu_reference: torch ops (MKL GEMMs, batched-matmul attention)", **tb},
+            "ratio": td["median_s"] / tb["median_s"], "max_abs_diff": diff}
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "linear_cpu.h"  // the prefix's GEMM, and VLA_CLONES / VLA_INLINE
+#include "linear_cpu.h"  // the prefix's GEMM (and simd.h)
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define VLA_VEC 1  // GCC vector extensions: lowered per clone (one zmm, two ymm, or four xmm per v16)
@@ -34,9 +34,9 @@ namespace {
 using vla_gemm::kCols;
 
 #if VLA_VEC
-using vla_gemm::load16;
-using vla_gemm::v16;
-typedef int i16 __attribute__((vector_size(64)));
+using vla_simd::i16;
+using vla_simd::load16;
+using vla_simd::v16;
 
 // Each (row, kv head) suffix block is a 10-150 KB stream, read once per step, past any cache. One stream at a time
 // keeps too few lines in flight on one core; kWays blocks read side by side, a key of each in turn, do not

@@ -9,13 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VLA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#define VLA_INLINE __attribute__((always_inline)) inline  // inlined into each clone, so compiled for its ISA
-#else
-#define VLA_CLONES
-#define VLA_INLINE inline
-#endif
+#include "simd.h"
 
 namespace vla_gemm {
 namespace {
@@ -23,13 +17,8 @@ namespace {
 constexpr int64_t kCols = 32;  // panel width: two 16-float vectors
 constexpr int kRows = 6;       // rows per register tile: 6 x 2 accumulators
 
-typedef float v16 __attribute__((vector_size(64)));
-
-VLA_INLINE v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+using vla_simd::load16;
+using vla_simd::v16;
 
 // MR rows x 32 columns of out from one panel; `pf`: the next panel's part to prefetch (or null)
 template <int MR>

@@ -14,13 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VLA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#define VLA_INLINE __attribute__((always_inline)) inline
-#else
-#define VLA_CLONES
-#define VLA_INLINE inline
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -104,8 +98,8 @@ std::tuple<torch::Tensor, torch::Tensor> nucleus_argmax(torch::Tensor p, torch::
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
-typedef float f16v __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
+using f16v = vla_simd::v16;
+using i16v = vla_simd::i16;
 
 // Natural log of 16 normal positive floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f)
 // for f = m - 1 (P: the minimax polynomial of Cephes' logf), e ln 2 added in two parts. Within ~1 ulp of logf.
