@@ -116,8 +116,9 @@ def main(argv=None) -> int:
                     "model's default, auto)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline-repeats", type=int, default=3, help="at most, for hf_generate_per_frame; see --budget-s")
-    ap.add_argument("--budget-s", type=float, default=300.0,
-                    help="skip further hf_generate_per_frame repeats once another would end the bench past this")
+    ap.add_argument("--budget-s", type=float, default=600.0,
+                    help="skip further hf_generate_per_frame repeats once another would end the timed region past "
+                         "this (600: room for 3 repeats of every side at the CPU default, ~6 min)")
     ap.add_argument("--no-compile", action="store_true", help="CUDA: leave out hf_static_compiled")
     ap.add_argument("--peak-gbps", type=float, default=None)
     ap.add_argument("--device", default="auto")

@@ -6,7 +6,7 @@ slots (position l sees slots [0, S - L + 1 + l): causal inside the chunk); prefi
 for slots [0, plens[g]) by the B/G rows of group g; suffix caches sk/sv (B, Hkv, Smax, D), slots [0, S) of each
 row; returns q's shape. GQA when H > Hkv.
 
-fp32 runs C++ (csrc/decode_attention_cpu.cpp, module vla_rft_engine._attn_cpu): the prefix as one matrix product
+fp32 runs C++ (csrc/decode_attention_cpu.h, module vla_rft_engine._attn_cpu): the prefix as one matrix product
 per (group, kv head), each row's suffix as matrix-vector loops that read it once, faster than batched matmuls over
 the (row, head) pairs (bench/results/cpu_inference_cpu.json). Other dtypes, non-contiguous caches (the engine's
 never are), or a build without the extension run `decode_attention_cpu_reference`: the prefix scored once per
