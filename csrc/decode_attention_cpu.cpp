@@ -105,6 +105,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
               "decode_layer: x (B, L, dim), prefix from pack_prefix, suffix (B, Hkv, Smax, D)");
   const int64_t B = x.size(0), L = x.size(1), dim = x.size(2), M = B * L, H = n_head, D = sk.size(3);
   const int64_t G = kp.size(0), HKV = sk.size(1), Smax = sk.size(2), N = B / std::max<int64_t>(G, 1);
+  TORCH_CHECK(n_head > 0, "decode_layer: n_head must be positive, got ", n_head);
   check_shapes(B, H, D, kp, vp, sk);
   const int64_t rep = H / HKV, NQKV = (H + 2 * HKV) * D, I = w2.size(1), S = s0 + L, half = D / 2;
   auto panels = [](int64_t n) { return (n + kCols - 1) / kCols; };

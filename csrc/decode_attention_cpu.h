@@ -33,15 +33,15 @@ namespace {
 
 using vla_gemm::kCols;
 
-#if VLA_VEC
-using vla_simd::i16;
-using vla_simd::load16;
-using vla_simd::v16;
-
 // Each (row, kv head) suffix block is a 10-150 KB stream, read once per step, past any cache. One stream at a time
 // keeps too few lines in flight on one core; kWays blocks read side by side, a key of each in turn, do not
 // (interleaved passes measured ~20 GB/s here against ~13 for one block with software prefetch).
 constexpr int kWays = 4;
+
+#if VLA_VEC
+using vla_simd::i16;
+using vla_simd::load16;
+using vla_simd::v16;
 
 // Lane j of the result = the sum of p[j]'s 16 lanes. Each level folds lane halves of two vectors into one, keys
 // kept in order: 15 folds of two shuffles and an add for 16 keys.

@@ -28,6 +28,11 @@ try:
     from vla_rft_engine import _attn_cpu as _ext  # type: ignore[attr-defined]  # compiled, no stub
 except ImportError:  # not built: the reference runs (kernels/decode_attention_cpu.py warns once)
     _ext = None
+if _ext is not None and not hasattr(_ext, "decode_layer"):  # a build from before the op: rebuild to get it
+    import warnings
+    warnings.warn("vla_rft_engine._attn_cpu predates decode_layer; CPU decode layers run as torch ops. Rebuild with "
+                  "`pip install --no-build-isolation -e .`")
+    _ext = None
 
 
 class LayerWeights(NamedTuple):
@@ -81,7 +86,8 @@ def decode_layer_cpu(x, w: LayerWeights, cos, sin, pk, pv, plens, sk, sv, s0: in
     .pack_prefix(pk, pv, plens) (the C++ layer runs only with it). Returns the new x; the C++ layer writes it in
     place of a contiguous x."""
     if (w.packed is not None and packed_prefix is not None and x.dtype == torch.float32 and sk.is_contiguous()
-            and sv.is_contiguous() and cos.dtype == torch.float32):
+            and sv.is_contiguous() and cos.dtype == torch.float32
+            and not (x.requires_grad and torch.is_grad_enabled())):  # the C++ layer writes x, untracked
         wqkv, wo, w13, w2 = w.packed
         return _ext.decode_layer(x.contiguous(), w.attention_norm, wqkv, wo, w.ffn_norm, w13, w2,
                                  cos.contiguous(), sin.contiguous(), *packed_prefix, plens, sk, sv, s0, n_head, eps)

@@ -9,6 +9,16 @@ from vla_rft_engine.kernels.decode_attention_cpu import (decode_attention_cpu, d
 
 needs_ext = pytest.mark.skipif(not extension_available(), reason="vla_rft_engine._attn_cpu not built")
 
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """The C++ op splits its (row, kv head) blocks over threads, and reads up to 4 of a thread's share side by
+    side: 1 thread takes every 4-, 3-, 2- and 1-block pass the shapes below make; 2 threads split them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
 # G, N, H, Hkv, D, P, Smax, S, ragged prefix lengths (None = all P)
 SHAPES = [
     (2, 17, 4, 4, 64, 40, 30, 30, None),  # the CPU RFT layout (rep 1), every suffix slot filled
@@ -17,8 +27,8 @@ SHAPES = [
     (3, 2, 6, 3, 32, 9, 11, 7, [9, 1, 4]),  # D without a specialisation (runtime D), rep 2, a 1-token prompt
     (2, 4, 2, 1, 48, 6, 9, 9, [0, 6]),  # a group with no prefix at all
     (4, 9, 4, 2, 16, 21, 19, 6, None),  # the quickstart's tiny world model (D = 16, rep 2)
-    (1, 7, 4, 1, 64, 12, 20, 17, None),  # 7 (row, kv head) blocks: one pass of 4 side by side, one of 3
-    (1, 5, 2, 1, 32, 8, 10, 10, [3]),  # 5 blocks: 4 side by side, then 1
+    (1, 7, 4, 1, 64, 12, 20, 17, None),  # 7 (row, kv head) blocks: 4 side by side, then 3 (1 thread)
+    (1, 5, 2, 1, 32, 8, 10, 10, [3]),  # 5 blocks: 4 side by side, then 1 (1 thread)
 ]
 
 
@@ -50,7 +60,7 @@ def _inputs(G, N, H, HKV, D, P, Smax, ragged, dtype, seed=0):
 
 @needs_ext
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cpp_matches_sdpa_per_row(shape):
+def test_cpp_matches_sdpa_per_row(shape, threads):
     *dims, S, ragged = shape
     q, pk, pv, plens, sk, sv = _inputs(*dims, ragged, torch.float32)
     from vla_rft_engine.kernels import decode_attention_cpu as mod
@@ -78,7 +88,7 @@ CHUNKS = [(2, 17, 4, 4, 64, 40, 30, 15, None, 8),  # the CPU RFT's action step: 
 
 
 @pytest.mark.parametrize("shape", CHUNKS)
-def test_chunk_is_causal_inside_and_matches_sdpa(shape):
+def test_chunk_is_causal_inside_and_matches_sdpa(shape, threads):
     """A chunk of L tokens per row: position l sees the prefix and the suffix up to its own slot. The C++ op (where
     built) and the reference against per-(row, position, head) attention in float64."""
     *dims, S, ragged, L = shape

@@ -30,9 +30,17 @@ def _inputs(G, N, L, H, HKV, D, dim, I, P, Smax, ragged, seed=0):
     return r(B, L, dim), ws, ang.cos(), ang.sin(), caches, plens
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):  # the attention inside splits its blocks over threads (see test_kernels_decode_attention_cpu)
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @needs_ext
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cpp_layer_matches_float64_reference(shape):
+def test_cpp_layer_matches_float64_reference(shape, threads):
     *dims, s0, ragged = shape
     G, N, L, H, HKV, D, dim, I, P, Smax = dims
     x, ws, cos, sin, (pk, pv, sk, sv), plens = _inputs(*dims, ragged)
@@ -98,3 +106,18 @@ def test_cpp_layer_refuses_bad_input():
         mod._ext.decode_layer(*args(n_head=1, x=x.clone()))
     with pytest.raises(RuntimeError, match="cos/sin must be"):
         mod._ext.decode_layer(*args(cos=cos[:, :, :4].contiguous()))
+    with pytest.raises(RuntimeError, match="n_head must be positive"):
+        mod._ext.decode_layer(*args(n_head=-1))
+
+
+def test_grad_tracked_input_takes_the_reference():
+    """The C++ layer writes x through its pointer, which autograd would not see: with grad on and an x that
+    requires it, the torch reference runs and x is left as it was."""
+    x, ws, cos, sin, (pk, pv, sk, sv), plens = _inputs(1, 2, 1, 2, 1, 16, 32, 24, 5, 8, None)
+    x.requires_grad_(True)
+    x0 = x.detach().clone()
+    out = decode_layer_cpu(x, layer_weights(*ws), cos, sin, pk, pv, plens, sk, sv, 0, 2, 1e-6,
+                           pack_prefix(pk, pv, plens))
+    assert out.grad_fn is not None and torch.equal(x.detach(), x0)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
