@@ -66,8 +66,8 @@ def test_cpu_inference_bench_times_the_default_paths_against_what_they_replaced(
                                "--repeats", "2"]) == 0
     rec = _record(capsys)
     assert set(rec["cases"]) == {"tokenizer_decode", "tokenizer_encode", "sampling_flat", "sampling_peaked",
-                                 "decode_attention_S30", "decode_attention_S290", "decode_attention_S560",
-                                 "decode_gemms"}
+                                 "gumbel", "decode_attention_S30", "decode_attention_S290", "decode_attention_S560",
+                                 "decode_gemms", "decode_layers_S290"}
     for case in rec["cases"].values():
         assert case["default"]["what"] and case["baseline"]["what"] and case["default"]["median_s"] > 0
         assert case["ratio"] == case["default"]["median_s"] / case["baseline"]["median_s"]
@@ -75,6 +75,8 @@ def test_cpu_inference_bench_times_the_default_paths_against_what_they_replaced(
     assert rec["cases"]["tokenizer_encode"]["ids_differing"] == 0
     assert all(rec["cases"][f"decode_attention_S{S}"]["max_abs_diff"] < 1e-5 for S in (30, 290, 560))
     assert rec["cases"]["decode_gemms"]["max_abs_diff"] < 1e-4  # the same products, summed in another order
+    assert rec["cases"]["decode_layers_S290"]["max_abs_diff"] < 1e-4  # the same 4 layers (C++ vs torch ops)
+    assert rec["cases"]["gumbel"]["max_abs_diff"] < 1e-5
 
 
 def test_suite_table_picks_ratios():
