@@ -1,7 +1,7 @@
 """CPU decode step for the rollout engine: the same model and cache, fewer and cheaper ops per step.
 
-At the CPU RFT shape (small preset, 34 rows) a decode step is a few hundred small ops, so per-op
-overhead and needless passes over the scores matter as much as the matmuls. Here:
+At the CPU RFT shape (small preset, 34 rows) a decode step written as torch ops is a few hundred small ops, so
+per-op overhead and needless passes over the scores matter as much as the matmuls. Here:
   - each layer is one call of kernels/decode_layer_cpu.py: in fp32 a C++ layer (rotary, cache writes, norms and
     GEMMs in one call), torch ops otherwise;
   - q/k/v and gate/up are one matmul each (WorldModel.fused_weights), every weight packed once per rollout for

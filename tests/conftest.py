@@ -21,3 +21,14 @@ def _seed():
 
 def cuda_only():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """torch's thread count for the test: the C++ CPU ops split their work over threads (the decode attention reads
+    up to 4 of a thread's (row, kv head) blocks side by side: 1 thread takes every 4-, 3-, 2- and 1-block pass a
+    shape makes, 2 threads split them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

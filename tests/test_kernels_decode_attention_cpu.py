@@ -9,16 +9,6 @@ from vla_rft_engine.kernels.decode_attention_cpu import (decode_attention_cpu, d
 
 needs_ext = pytest.mark.skipif(not extension_available(), reason="vla_rft_engine._attn_cpu not built")
 
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    """The C++ op splits its (row, kv head) blocks over threads, and reads up to 4 of a thread's share side by
-    side: 1 thread takes every 4-, 3-, 2- and 1-block pass the shapes below make; 2 threads split them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
 # G, N, H, Hkv, D, P, Smax, S, ragged prefix lengths (None = all P)
 SHAPES = [
     (2, 17, 4, 4, 64, 40, 30, 30, None),  # the CPU RFT layout (rep 1), every suffix slot filled

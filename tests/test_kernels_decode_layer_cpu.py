@@ -30,14 +30,6 @@ def _inputs(G, N, L, H, HKV, D, dim, I, P, Smax, ragged, seed=0):
     return r(B, L, dim), ws, ang.cos(), ang.sin(), caches, plens
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):  # the attention inside splits its blocks over threads (see test_kernels_decode_attention_cpu)
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @needs_ext
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpp_layer_matches_float64_reference(shape, threads):
