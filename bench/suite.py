@@ -41,6 +41,8 @@ KEYS = ("speedup", "ratio", "roofline_fraction", "rollouts_per_s", "overhead")  
 def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
+        if isinstance(v, list) and all(isinstance(e, dict) for e in v):  # a list of cases: keyed by their name
+            v = {str(e.get("case", i)): e for i, e in enumerate(v)}
         if isinstance(v, dict):
             out.update(flat(v, f"{prefix}{k}."))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -1,7 +1,7 @@
 """vq_decode: the C++/CUDA extension vs the PyTorch reference at VLA-RFT decode shapes; one JSON record.
 
-    python -m bench.vq_decode                        # CPU (and CUDA when available)
-    python -m bench.vq_decode --out bench/results/vq_decode_cpu.json --device cpu
+    python bench/vq_decode.py                        # CPU (and CUDA when available)
+    python bench/vq_decode.py --out bench/results/vq_decode_cpu.json --device cpu
 
 Cases (FSQ levels 7,5,5,5,5 = 4375 codes):
   dyn_*: dynamics tokens, 8x8 per frame, patch 4 -> 32x32 latent. The full RFT step decodes
@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+from pathlib import Path
 
 import torch
 
-from bench.common import device_name, emit, parse_args, time_fn
-from vla_rft_engine.ops import vq_decode as vqd
-from vla_rft_engine.utils import nvtx_range
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: kernels/ must not shadow PyPI kernels
+from bench.common import device_name, emit, parse_args, time_fn  # noqa: E402
+from vla_rft_engine.ops import vq_decode as vqd  # noqa: E402
+from vla_rft_engine.utils import nvtx_range  # noqa: E402
 
 LEVELS = (7, 5, 5, 5, 5)
 NCODES = math.prod(LEVELS)

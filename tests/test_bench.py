@@ -79,9 +79,24 @@ def test_cpu_inference_bench_times_the_default_paths_against_what_they_replaced(
     assert rec["cases"]["gumbel"]["max_abs_diff"] < 1e-5
 
 
+def test_every_suite_bench_runs_as_a_script(tmp_path):
+    """suite.py runs each bench as `python bench/<name>.py` (the bench folder is not an installed package), from
+    any directory: each must find `bench.common` from its own path. `--help` runs the imports."""
+    import subprocess
+    import sys
+    from bench.suite import BENCHES, ROOT
+    for name in BENCHES:
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--help"], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0 and "usage" in r.stdout, (name, r.stderr[-1500:])
+
+
 def test_suite_table_picks_ratios():
     from bench.suite import headline
     rec = {"speedup_vs": {"hf_kv_cached": 3.2}, "sides": {"ours": {"rollouts_per_s": 10.0, "median_s": 1.0}},
            "decode": {"roofline_fraction": 0.61}, "device": "x"}
     txt = headline(rec)
     assert "speedup_vs.hf_kv_cached=3.2" in txt and "roofline_fraction=0.61" in txt and "median_s" not in txt
+    # vq_decode's record: cases as a list, named by "case"
+    rec = {"results": {"cpu": {"cases": [{"case": "dyn", "ratio_ext_over_ref": 0.35, "ext_median_s": 0.1}]}}}
+    assert headline(rec) == "results.cpu.cases.dyn.ratio_ext_over_ref=0.35"
