@@ -123,6 +123,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
   auto x2 = x.view({M, dim});
   float* xp = x2.data_ptr<float>();
   auto gemm = [](const torch::Tensor& in, const torch::Tensor& w, int64_t n, float* out, bool acc) {
+    TORCH_CHECK(in.is_contiguous(), "decode_layer: internal, a GEMM input must be contiguous");
     vla_gemm::gemm(in.data_ptr<float>(), in.size(1), in.size(0), in.size(1), w.data_ptr<float>(), w.size(1) * kCols,
                    n, out, n, acc);
   };
@@ -158,7 +159,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
     }
   }
   const auto y = attend(qs, N, L, rep, kp, vp, pl, sk, sv, S)
-                     .view({G, HKV, N, L, rep, D}).permute({0, 2, 3, 1, 4, 5}).reshape({M, H * D});
+                     .view({G, HKV, N, L, rep, D}).permute({0, 2, 3, 1, 4, 5}).reshape({M, H * D}).contiguous();
   gemm(y, wo, dim, xp, true);
 
   const auto h2 = at::rms_norm(x2, {dim}, ffn_norm, eps);
