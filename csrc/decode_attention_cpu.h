@@ -236,18 +236,23 @@ torch::Tensor attend_d(const torch::Tensor& qs, int64_t N, int64_t L, int64_t re
       for (int64_t m = 0; m < Q; ++m) std::fill(sc + m * W + plen, sc + m * W + P, -INFINITY);
     }
   });
-  // i = (g, h, n): a group's rows inside each head; its suffix block is row b = g * N + n of head h
-  auto block = [&](int64_t i) { return ((i / (HKV * N) * N + i % N) * HKV + i / N % HKV) * Smax * D; };
-  auto blocks = [&](const float* base, int64_t i, int64_t ways, const float** dst) {
-    for (int64_t w = 0; w < ways; ++w) dst[w] = base + block(i + w);
+  // fn(i, ways, blocks) over the (row, kv head) blocks i = (g, h, n) of a suffix cache, up to kWays at a time: a
+  // group's rows inside each head, block i being row b = g * N + n of head h
+  auto over_blocks = [&](const float* cache, auto&& fn) {
+    at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; i += kWays) {
+        const int64_t ways = std::min<int64_t>(kWays, hi - i);
+        const float* blocks[kWays] = {};
+        for (int64_t w = 0; w < ways; ++w) {
+          const int64_t j = i + w;
+          blocks[w] = cache + ((j / (HKV * N) * N + j % N) * HKV + j / N % HKV) * Smax * D;
+        }
+        fn(i, ways, blocks);
+      }
+    });
   };
-  at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; i += kWays) {
-      const int64_t ways = std::min<int64_t>(kWays, hi - i);
-      const float* kw[kWays] = {};
-      blocks(skp, i, ways, kw);
-      suffix_scores<DT>(qp + i * R * D, kw, scp + i * R * W, ways, P, S, L, rep, D);
-    }
+  over_blocks(skp, [&](int64_t i, int64_t ways, const float* const* kw) {
+    suffix_scores<DT>(qp + i * R * D, kw, scp + i * R * W, ways, P, S, L, rep, D);
   });
   const auto prob = scores.softmax(-1);
   const float* prp = prob.data_ptr<float>();
@@ -259,13 +264,8 @@ torch::Tensor attend_d(const torch::Tensor& qs, int64_t N, int64_t L, int64_t re
                           op + gh * Q * D, D, false);
     }
   });
-  at::parallel_for(0, B * HKV, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; i += kWays) {
-      const int64_t ways = std::min<int64_t>(kWays, hi - i);
-      const float* vw[kWays] = {};
-      blocks(svp, i, ways, vw);
-      suffix_values<DT>(prp + i * R * W, vw, op + i * R * D, ways, P, S, L, rep, D);
-    }
+  over_blocks(svp, [&](int64_t i, int64_t ways, const float* const* vw) {
+    suffix_values<DT>(prp + i * R * W, vw, op + i * R * D, ways, P, S, L, rep, D);
   });
   return out;
 }

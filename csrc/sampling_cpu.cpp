@@ -131,9 +131,13 @@ VLA_INLINE f16v log16(f16v x) {
   return f + y + 0.693359375f * ef;
 }
 
-// u <- -log(-log(clamp(u, lo, hi))) in place, 16 at a time (the Gumbel noise of the rollout's sampler)
+#endif
+
+// u <- -log(-log(clamp(u, lo, hi))) in place, 16 at a time where GCC's vector extensions are (the Gumbel noise of
+// the rollout's sampler)
 VLA_CLONES void gumbel_loop(float* u, int64_t n, float lo, float hi) {
   int64_t j = 0;
+#if defined(__GNUC__) && !defined(__clang__)
   for (; j + 16 <= n; j += 16) {
     f16v v;
     std::memcpy(&v, u + j, sizeof v);
@@ -142,6 +146,7 @@ VLA_CLONES void gumbel_loop(float* u, int64_t n, float lo, float hi) {
     v = -log16(-log16(v));
     std::memcpy(u + j, &v, sizeof v);
   }
+#endif
   for (; j < n; ++j) u[j] = -std::log(-std::log(std::min(std::max(u[j], lo), hi)));
 }
 
@@ -152,14 +157,11 @@ torch::Tensor gumbel_(torch::Tensor u, double lo, double hi) {
   gumbel_loop(u.data_ptr<float>(), u.numel(), static_cast<float>(lo), static_cast<float>(hi));
   return u;
 }
-#endif
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nucleus_argmax", &nucleus_argmax, "the CPU sampler's top-p check (kernels/sampling.py: _nucleus_argmax)",
         py::arg("p"), py::arg("score"), py::arg("top_p"), py::arg("rounds") = 16);
-#if defined(__GNUC__) && !defined(__clang__)
   m.def("gumbel_", &gumbel_, "u <- -log(-log(clamp(u, lo, hi))) in place (fp32, vectorised log)");
-#endif
 }

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .decode_attention_cpu import decode_attention_cpu_reference
 from .linear_cpu import pack_linear_cpu
+from .rotary_kv import apply_rotary
 
 try:
     from vla_rft_engine import _attn_cpu as _ext  # type: ignore[attr-defined]  # compiled, no stub
@@ -66,10 +67,8 @@ def decode_layer_cpu_reference(x, w: LayerWeights, cos, sin, pk, pv, plens, sk, 
     N, H = B // G, n_head
     x = x.reshape(B * L, dim)
     qkv = torch.mm(rms_norm_cpu(x, w.attention_norm, eps), w.wqkv.t())
-    qk = qkv[:, :(H + HKV) * D].view(G, N, L, H + HKV, 2, D // 2)
-    c, s = cos[:, None, s0:s0 + L, None], sin[:, None, s0:s0 + L, None]  # (G, 1, L, 1, D/2)
-    x1, x2 = qk[..., 0, :], qk[..., 1, :]
-    rot = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], -2).view(B, L, H + HKV, D)
+    c, s = (t[:, s0:s0 + L].repeat_interleave(N, 0) for t in (cos, sin))  # (G, S, D/2) -> each row's (B, L, D/2)
+    rot = apply_rotary(qkv[:, :(H + HKV) * D].view(B, L, H + HKV, D), c, s)
     sk[:, :, s0:s0 + L] = rot[:, :, H:].transpose(1, 2)
     sv[:, :, s0:s0 + L] = qkv[:, (H + HKV) * D:].view(B, L, HKV, D).transpose(1, 2)
     y = decode_attention_cpu_reference(rot[:, :, :H], pk, pv, plens, sk, sv, s0 + L).reshape(B * L, H * D)

@@ -30,14 +30,15 @@ def gumbel_noise(shape, generator=None, device=None, out: torch.Tensor | None = 
 
 
 GUMBEL_CLAMP = (1e-10, 1.0 - 1e-7)
+_gumbel_cpp = getattr(_ext, "gumbel_", None)  # None: not built, or a build from before the op
 
 
 def gumbel_from_uniform_(u: torch.Tensor) -> torch.Tensor:
     """-log(-log(u)) in place, u clamped away from 0 and 1 first (the rollout draws u itself, outside its graphs).
     fp32 on the CPU: one vectorised C++ pass (csrc/sampling_cpu.cpp, as accurate as torch.log; tested against
     float64), instead of torch's four passes; else gumbel_from_uniform_reference_."""
-    if _ext is not None and u.device.type == "cpu" and u.dtype == torch.float32 and u.is_contiguous():
-        return _ext.gumbel_(u, *GUMBEL_CLAMP)
+    if _gumbel_cpp is not None and u.device.type == "cpu" and u.dtype == torch.float32 and u.is_contiguous():
+        return _gumbel_cpp(u, *GUMBEL_CLAMP)
     return gumbel_from_uniform_reference_(u)
 
 
